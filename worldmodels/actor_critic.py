@@ -1,0 +1,126 @@
+"""Actor, critic, lambda returns and the percentile return normaliser (DreamerV3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from worldmodels.dists import BoundedNormal, OneHotCategorical, TwoHot, symexp_bins
+from worldmodels.nn import MLP, Linear
+from worldmodels.nn.layers import Norm
+
+
+@dataclass(frozen=True)
+class ActorCriticConfig:
+    units: int = 64
+    layers: int = 3
+    horizon: int = 15  # imagination steps
+    discount_horizon: float = 333.0  # gamma = 1 - 1 / discount_horizon
+    lam: float = 0.95
+    entropy: float = 3e-4
+    unimix: float = 0.01
+    minstd: float = 0.1
+    maxstd: float = 1.0
+    bins: int = 255
+    slow_rate: float = 0.02  # EMA rate of the slow critic, every update
+    slow_reg: float = 1.0  # weight of the regulariser towards the slow critic
+    retnorm_rate: float = 0.01
+    retnorm_limit: float = 1.0
+    retnorm_low: float = 5.0  # percentiles
+    retnorm_high: float = 95.0
+    actor_scale: float = 1.0
+    critic_scale: float = 1.0
+    norm: Norm = "rms"
+
+
+class Actor(eqx.Module):
+    """Policy features `[..., F]` -> action distribution (one-hot categorical or bounded normal)."""
+
+    discrete: bool = eqx.field(static=True)
+    action_dim: int = eqx.field(static=True)
+    config: ActorCriticConfig = eqx.field(static=True)
+    mlp: MLP
+    out: Linear
+
+    def __init__(self, feat_dim: int, action_dim: int, discrete: bool, config: ActorCriticConfig, *,
+                 key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.discrete, self.action_dim, self.config = discrete, action_dim, config
+        self.mlp = MLP(feat_dim, config.units, config.layers, key=k1, norm=config.norm)
+        self.out = Linear(config.units, action_dim if discrete else 2 * action_dim, key=k2)
+
+    def __call__(self, feat: Float[Array, "... f"]) -> OneHotCategorical | BoundedNormal:
+        x = self.out(self.mlp(feat))
+        if self.discrete:
+            return OneHotCategorical.from_logits(x, self.config.unimix)
+        mean, std = jnp.split(x, 2, -1)
+        return BoundedNormal.from_outputs(mean, std, self.config.minstd, self.config.maxstd)
+
+
+class Critic(eqx.Module):
+    """Policy features `[..., F]` -> twohot value distribution; the output layer starts at zero."""
+
+    bins: int = eqx.field(static=True)
+    mlp: MLP
+    out: Linear
+
+    def __init__(self, feat_dim: int, config: ActorCriticConfig, *, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.bins = config.bins
+        self.mlp = MLP(feat_dim, config.units, config.layers, key=k1, norm=config.norm)
+        self.out = Linear(config.units, config.bins, key=k2, outscale=0.0)
+
+    def __call__(self, feat: Float[Array, "... f"]) -> TwoHot:
+        return TwoHot(self.out(self.mlp(feat)), symexp_bins(self.bins))
+
+
+def lambda_return(reward: Float[Array, "... h"], discount: Float[Array, "... h"],
+                  next_value: Float[Array, "... h"], lam: float) -> Float[Array, "... h"]:
+    """TD(lambda) returns over the last (time) axis, bootstrapped from the last `next_value`.
+
+    For transitions t -> t+1 (t = 0..H-1): `reward[t]` = r_{t+1}, `discount[t]` = gamma * c_{t+1},
+    `next_value[t]` = v(s_{t+1}). Computes
+    `R_t = r_{t+1} + discount_t * ((1 - lam) * v_{t+1} + lam * R_{t+1})` with `R_H = v_H`.
+    """
+
+    def step(next_ret, inputs):
+        r, d, v = inputs
+        ret = r + d * ((1.0 - lam) * v + lam * next_ret)
+        return ret, ret
+
+    move = lambda x: jnp.moveaxis(x, -1, 0)
+    _, rets = jax.lax.scan(step, move(next_value)[-1], (move(reward), move(discount), move(next_value)),
+                           reverse=True)
+    return jnp.moveaxis(rets, 0, -1)
+
+
+class ReturnNormState(NamedTuple):
+    """Debiased EMAs of the low and high return percentiles."""
+
+    low: Float[Array, ""]
+    high: Float[Array, ""]
+    correction: Float[Array, ""]  # 1 - (1 - rate)^updates, undoes the EMA's zero initialisation
+
+
+def return_norm_init() -> ReturnNormState:
+    return ReturnNormState(jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+
+
+def return_norm_update(state: ReturnNormState, returns: Array, config: ActorCriticConfig) -> ReturnNormState:
+    """Move the percentile EMAs towards this batch's P`low` and P`high` of `returns`."""
+    r = config.retnorm_rate
+    low = jnp.percentile(returns, config.retnorm_low)
+    high = jnp.percentile(returns, config.retnorm_high)
+    return ReturnNormState((1 - r) * state.low + r * low, (1 - r) * state.high + r * high,
+                           (1 - r) * state.correction + r)
+
+
+def return_norm_scale(state: ReturnNormState, config: ActorCriticConfig) -> Float[Array, ""]:
+    """S = max(limit, P_high - P_low): advantages are divided by this."""
+    correction = jnp.maximum(state.correction, 1e-8)
+    return jnp.maximum(config.retnorm_limit, (state.high - state.low) / correction)

@@ -1,0 +1,198 @@
+"""The agent: `AgentState` (a PyTree) and the pure functions `init`, `policy` and `train`.
+
+`train` is ONE compiled program: world-model loss, imagination from every posterior state,
+actor and critic losses, one optimiser step and the slow-critic update. Its input state's buffers
+are donated, so the caller must use the returned state and drop the old one.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Mapping, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from worldmodels.actor_critic import (Actor, ActorCriticConfig, Critic, ReturnNormState, lambda_return,
+                                      return_norm_init, return_norm_scale, return_norm_update)
+from worldmodels.dists import TwoHot, sg
+from worldmodels.optim import OptimConfig, make_optimizer
+from worldmodels.sequence.base import State
+from worldmodels.world_model import ObsSpec, WorldModel, WorldModelConfig
+
+# How often each jitted function has been traced (compiled); tests check it stays at one.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    actor_critic: ActorCriticConfig = field(default_factory=ActorCriticConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """`dim` actions: one-hot over `dim` choices if `discrete`, else a vector in [-1, 1]^dim."""
+
+    dim: int
+    discrete: bool
+
+
+class AgentState(eqx.Module):
+    config: AgentConfig = eqx.field(static=True)
+    obs_spec: tuple = eqx.field(static=True)  # ((key, shape, dtype), ...)
+    action_spec: ActionSpec = eqx.field(static=True)
+    world_model: WorldModel
+    actor: Actor
+    critic: Critic
+    slow_critic: Critic
+    opt_state: optax.OptState
+    retnorm: ReturnNormState
+    step: Int[Array, ""]
+
+    @property
+    def params(self) -> tuple[WorldModel, Actor, Critic]:
+        """What the optimiser trains."""
+        return self.world_model, self.actor, self.critic
+
+
+class PolicyCarry(NamedTuple):
+    """What the policy carries between environment steps (per env)."""
+
+    latent: State
+    prev_action: Float[Array, "n a"]
+
+
+def init(config: AgentConfig, obs_spec: ObsSpec, action_spec: ActionSpec, key: PRNGKeyArray) -> AgentState:
+    """A freshly initialised agent for observations `obs_spec` (key -> (shape, dtype)) and actions."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    wm = WorldModel(config.world_model, obs_spec, action_spec.dim, key=k1)
+    pdim = wm.dynamics.policy_feature_dim
+    actor = Actor(pdim, action_spec.dim, action_spec.discrete, config.actor_critic, key=k2)
+    critic = Critic(pdim, config.actor_critic, key=k3)
+    params = (wm, actor, critic)
+    opt_state = make_optimizer(config.optim).init(eqx.filter(params, eqx.is_array))
+    spec = tuple((k, tuple(int(d) for d in s), str(jnp.dtype(t))) for k, (s, t) in sorted(obs_spec.items()))
+    slow_critic = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, critic)
+    state = AgentState(config, spec, action_spec, wm, actor, critic, slow_critic, opt_state, return_norm_init(),
+                       jnp.zeros((), jnp.int32))
+    return copy_state(state)  # distinct buffers for every leaf: the train step donates them all
+
+
+def count_params(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
+
+
+def initial_carry(state: AgentState, num_envs: int) -> PolicyCarry:
+    return PolicyCarry(state.world_model.dynamics.initial(num_envs), jnp.zeros((num_envs, state.action_spec.dim)))
+
+
+@eqx.filter_jit
+def policy(state: AgentState, carry: PolicyCarry, obs: Mapping[str, Array], key: PRNGKeyArray,
+           greedy: bool = False) -> tuple[Float[Array, "n a"], PolicyCarry]:
+    """One acting step for `n` envs.
+
+    **Arguments:** `obs`: observation keys `[n, ...]` plus `is_first` `[n]` (the carry is reset
+    where it is set); `greedy`: take the mode instead of sampling (static: two compiled versions).
+
+    **Returns:** (actions `[n, A]`: one-hot if discrete, else in [-1, 1]; the next carry).
+    """
+    TRACE_COUNTS["policy"] += 1
+    k1, k2 = jax.random.split(key)
+    wm = state.world_model
+    is_first = jnp.asarray(obs["is_first"], bool)
+    embed = wm.encoder(obs)
+    post, _ = wm.dynamics.obs_step(carry.latent, embed, carry.prev_action, is_first, k1)
+    dist = state.actor(wm.dynamics.policy_features(post))
+    action = sg(dist.mode() if greedy else dist.sample(k2))
+    if state.action_spec.discrete:  # exact one-hot (the straight-through sum is one only up to rounding)
+        action = jax.nn.one_hot(jnp.argmax(action, -1), state.action_spec.dim)
+    else:
+        action = jnp.clip(action, -1.0, 1.0)
+    return action, PolicyCarry(post, action)
+
+
+def _losses(params: tuple[WorldModel, Actor, Critic], state: AgentState, batch: Mapping[str, Array],
+            key: PRNGKeyArray) -> tuple[Float[Array, ""], tuple[ReturnNormState, dict]]:
+    wm, actor, critic = params
+    ac = state.config.actor_critic
+    k1, k2 = jax.random.split(key)
+    b, t = batch["is_first"].shape
+    wm_loss, (post, metrics) = wm.loss(batch, wm.dynamics.initial(b), k1)
+
+    # Imagination starts from every posterior state; only the actor's log-probs and the critic's
+    # outputs carry gradients (REINFORCE; the world model learns from its own loss alone).
+    start = jax.tree.map(lambda x: sg(x.reshape(b * t, *x.shape[2:])), post)
+    wm_fixed, actor_fixed = sg(wm), sg(actor)
+    states, actions = wm_fixed.imagine(start, lambda f, k: actor_fixed(f).sample(k), ac.horizon, k2)
+    feat = wm_fixed.dynamics.features(states)
+    pfeat = wm_fixed.dynamics.policy_features(states)
+    reward = wm_fixed.reward(feat[:, 1:]).mean()
+    cont = wm_fixed.cont(feat).mean()
+    cont = cont.at[:, 0].set(1.0 - batch["is_terminal"].reshape(-1).astype(jnp.float32))
+    gamma = 1.0 - 1.0 / ac.discount_horizon
+
+    value_dist = critic(pfeat)
+    value = sg(value_dist.mean())
+    ret = lambda_return(reward, gamma * cont[:, 1:], value[:, 1:], ac.lam)
+    weight = sg(jnp.cumprod(gamma * cont, 1) / gamma)[:, :-1]
+    retnorm = return_norm_update(state.retnorm, ret, ac)
+    scale = return_norm_scale(retnorm, ac)
+    adv = (ret - value[:, :-1]) / scale
+
+    dist = actor(pfeat[:, :-1])
+    logp = dist.log_prob(sg(actions))
+    entropy = dist.entropy()
+    actor_loss = jnp.mean(weight * -(logp * sg(adv) + ac.entropy * entropy))
+
+    slow_value = sg(state.slow_critic(pfeat[:, :-1]).mean())
+    values = TwoHot(value_dist.logits[:, :-1], value_dist.bins)
+    critic_loss = jnp.mean(weight * -(values.log_prob(sg(ret)) + ac.slow_reg * values.log_prob(slow_value)))
+
+    total = wm_loss + ac.actor_scale * actor_loss + ac.critic_scale * critic_loss
+    metrics.update({"loss/world_model": wm_loss, "loss/actor": actor_loss, "loss/critic": critic_loss,
+                    "actor/entropy": entropy.mean(), "imag/return": ret.mean(), "imag/reward": reward.mean(),
+                    "imag/value": value.mean(), "imag/return_scale": scale, "imag/adv_std": jnp.std(adv)})
+    return total, (retnorm, metrics)
+
+
+def _train(dynamic: AgentState, static: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
+           ) -> tuple[AgentState, dict[str, Array]]:
+    TRACE_COUNTS["train"] += 1
+    state = eqx.combine(dynamic, static)
+    optimizer = make_optimizer(state.config.optim)
+    grad_fn = eqx.filter_value_and_grad(_losses, has_aux=True)
+    (loss, (retnorm, metrics)), grads = grad_fn(state.params, state, batch, key)
+    params = eqx.filter(state.params, eqx.is_array)
+    updates, opt_state = optimizer.update(eqx.filter(grads, eqx.is_array), state.opt_state, params)
+    wm, actor, critic = eqx.apply_updates(state.params, updates)
+    rate = state.config.actor_critic.slow_rate
+    slow = jax.tree.map(lambda s, c: (1 - rate) * s + rate * c, state.slow_critic, critic)
+    metrics.update({"loss/total": loss, "grad_norm": optax.global_norm(grads),
+                    "update_norm": optax.global_norm(updates)})
+    new = eqx.tree_at(lambda s: (s.world_model, s.actor, s.critic, s.slow_critic, s.opt_state, s.retnorm, s.step),
+                      state, (wm, actor, critic, slow, opt_state, retnorm, state.step + 1))
+    return eqx.filter(new, eqx.is_array), metrics
+
+
+_train_jit = jax.jit(_train, static_argnums=1, donate_argnums=0)
+
+
+def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray) -> tuple[AgentState, dict[str, Array]]:
+    """One update on a replayed batch (`[B, T, ...]` per key; see `WorldModel.loss`).
+
+    The old `state`'s buffers are donated: use only the returned state afterwards.
+    """
+    dynamic, static = eqx.partition(state, eqx.is_array)
+    new_dynamic, metrics = _train_jit(dynamic, static, dict(batch), key)
+    return eqx.combine(new_dynamic, static), metrics
+
+
+def copy_state(state: AgentState) -> AgentState:
+    """A copy with fresh buffers (the train step donates its input; keep this to compare against)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, state)

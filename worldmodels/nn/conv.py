@@ -1,0 +1,105 @@
+"""Convolutional encoder and decoder for square images whose side is a power of two."""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray, UInt8
+
+from worldmodels.nn.layers import Linear, Norm, Normalize, trunc_normal_init
+
+
+class Conv(eqx.Module):
+    """'SAME' stride-1 convolution on NHWC arrays."""
+
+    kernel: Float[Array, "k k cin cout"]
+    bias: Float[Array, " cout"]
+
+    def __init__(self, cin: int, cout: int, size: int, *, key: PRNGKeyArray):
+        self.kernel = trunc_normal_init(key, (size, size, cin, cout), size * size * cin)
+        self.bias = jnp.zeros((cout,))
+
+    def __call__(self, x: Float[Array, "n h w cin"]) -> Float[Array, "n h w cout"]:
+        y = jax.lax.conv_general_dilated(x, self.kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + self.bias
+
+
+def _stages(resolution: int, min_resolution: int) -> int:
+    if resolution < min_resolution or resolution & (resolution - 1):
+        raise ValueError(f"image side {resolution} must be a power of two >= {min_resolution}")
+    return int(math.log2(resolution // min_resolution))
+
+
+class ConvEncoder(eqx.Module):
+    """uint8 images `[..., H, W, C]` -> flat features `[..., D]`.
+
+    Each stage: conv (kernel 5, stride 1) -> norm -> SiLU -> 2x2 max-pool, channels `depth * mults`,
+    until the side is `min_resolution` (64x64 -> 4x4 with four stages), as in DreamerV3 (2024).
+    """
+
+    convs: tuple[Conv, ...]
+    norms: tuple[Normalize, ...]
+    resolution: int = eqx.field(static=True)
+    out_dim: int = eqx.field(static=True)
+
+    def __init__(self, resolution: int, channels: int, depth: int, *, key: PRNGKeyArray,
+                 mults: tuple[int, ...] = (2, 3, 4, 4), kernel: int = 5, min_resolution: int = 4,
+                 norm: Norm = "rms"):
+        stages = _stages(resolution, min_resolution)
+        widths = [depth * mults[min(i, len(mults) - 1)] for i in range(stages)]
+        keys = jax.random.split(key, stages)
+        dims = [channels] + widths
+        self.convs = tuple(Conv(dims[i], dims[i + 1], kernel, key=keys[i]) for i in range(stages))
+        self.norms = tuple(Normalize(w, norm) for w in widths)
+        self.resolution = resolution
+        self.out_dim = min_resolution * min_resolution * widths[-1]
+
+    def __call__(self, image: UInt8[Array, "... h w c"]) -> Float[Array, "... d"]:
+        batch = image.shape[:-3]
+        x = image.reshape(-1, *image.shape[-3:]).astype(jnp.float32) / 255.0 - 0.5
+        for conv, norm in zip(self.convs, self.norms):
+            x = jax.nn.silu(norm(conv(x)))
+            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        return x.reshape(*batch, -1)
+
+
+class ConvDecoder(eqx.Module):
+    """Features `[..., D]` -> images `[..., H, W, C]` in [-0.5, 0.5] units (target: image / 255 - 0.5).
+
+    Linear to a `min_resolution` grid, then per stage: nearest 2x upsampling -> conv -> norm -> SiLU;
+    a last conv maps to the image channels.
+    """
+
+    linear: Linear
+    convs: tuple[Conv, ...]
+    norms: tuple[Normalize, ...]
+    out: Conv
+    min_resolution: int = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+
+    def __init__(self, din: int, resolution: int, channels: int, depth: int, *, key: PRNGKeyArray,
+                 mults: tuple[int, ...] = (2, 3, 4, 4), kernel: int = 5, min_resolution: int = 4,
+                 norm: Norm = "rms"):
+        stages = _stages(resolution, min_resolution)
+        widths = [depth * mults[min(i, len(mults) - 1)] for i in range(stages)][::-1]
+        keys = jax.random.split(key, stages + 2)
+        self.linear = Linear(din, min_resolution * min_resolution * widths[0], key=keys[0])
+        dims = widths + [widths[-1]]
+        self.convs = tuple(Conv(dims[i], dims[i + 1], kernel, key=keys[i + 1]) for i in range(stages))
+        self.norms = tuple(Normalize(dims[i + 1], norm) for i in range(stages))
+        self.out = Conv(dims[-1], channels, kernel, key=keys[-1])
+        self.min_resolution = min_resolution
+        self.channels = channels
+
+    def __call__(self, feat: Float[Array, "... d"]) -> Float[Array, "... h w c"]:
+        batch = feat.shape[:-1]
+        r = self.min_resolution
+        x = self.linear(feat.reshape(-1, feat.shape[-1])).reshape(-1, r, r, self.linear.bias.shape[0] // (r * r))
+        for conv, norm in zip(self.convs, self.norms):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+            x = jax.nn.silu(norm(conv(x)))
+        x = self.out(x)
+        return x.reshape(*batch, *x.shape[1:])

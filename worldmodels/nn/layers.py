@@ -1,0 +1,124 @@
+"""Dense building blocks: Linear + norm + activation, MLPs, block-diagonal linear layers."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+Norm = Literal["rms", "layer", "none"]
+
+
+def trunc_normal_init(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, scale: float = 1.0) -> Array:
+    """Truncated normal with variance `scale / fan_in` (the reference's `trunc_normal_in`)."""
+    # 0.8796 is the std of a standard normal truncated to [-2, 2].
+    std = math.sqrt(scale / fan_in) / 0.87962566103423978
+    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape)
+
+
+class Linear(eqx.Module):
+    """Affine layer `y = x @ weight + bias` over the last axis.
+
+    `outscale=0` gives an exactly zero-initialised layer (reward and value heads).
+    """
+
+    weight: Float[Array, "din dout"]
+    bias: Float[Array, " dout"]
+
+    def __init__(self, din: int, dout: int, *, key: PRNGKeyArray, outscale: float = 1.0):
+        if outscale == 0.0:
+            self.weight = jnp.zeros((din, dout))
+        else:
+            self.weight = trunc_normal_init(key, (din, dout), din, outscale)
+        self.bias = jnp.zeros((dout,))
+
+    def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
+        return x @ self.weight + self.bias
+
+
+class Normalize(eqx.Module):
+    """RMSNorm or LayerNorm over the last axis with a learned scale (and offset for LayerNorm)."""
+
+    kind: Norm = eqx.field(static=True)
+    scale: Float[Array, " d"] | None
+    offset: Float[Array, " d"] | None
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, kind: Norm = "rms", eps: float = 1e-4):
+        self.kind = kind
+        self.eps = eps
+        self.scale = None if kind == "none" else jnp.ones((dim,))
+        self.offset = jnp.zeros((dim,)) if kind == "layer" else None
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        if self.kind == "none":
+            return x
+        if self.kind == "rms":
+            x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps)
+            return x * self.scale
+        mean = jnp.mean(x, -1, keepdims=True)
+        var = jnp.var(x, -1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale + self.offset
+
+
+class DenseBlock(eqx.Module):
+    """Linear -> norm -> SiLU."""
+
+    linear: Linear
+    norm: Normalize
+
+    def __init__(self, din: int, dout: int, *, key: PRNGKeyArray, norm: Norm = "rms"):
+        self.linear = Linear(din, dout, key=key)
+        self.norm = Normalize(dout, norm)
+
+    def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
+        return jax.nn.silu(self.norm(self.linear(x)))
+
+
+class MLP(eqx.Module):
+    """`layers` DenseBlocks of width `units`; the output is the last hidden activation."""
+
+    blocks: tuple[DenseBlock, ...]
+
+    def __init__(self, din: int, units: int, layers: int, *, key: PRNGKeyArray, norm: Norm = "rms"):
+        keys = jax.random.split(key, max(layers, 1))
+        dims = [din] + [units] * layers
+        self.blocks = tuple(DenseBlock(dims[i], dims[i + 1], key=keys[i], norm=norm) for i in range(layers))
+
+    @property
+    def dout(self) -> int:
+        return self.blocks[-1].linear.weight.shape[1]
+
+    def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... units"]:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class BlockLinear(eqx.Module):
+    """Block-diagonal linear layer: `blocks` independent Linear maps over equal slices of the input.
+
+    Input `[..., blocks * din_per_block]` -> output `[..., blocks * dout_per_block]`; parameters and
+    FLOPs are `1 / blocks` of a dense layer of the same size.
+    """
+
+    weight: Float[Array, "g din dout"]
+    bias: Float[Array, " gdout"]
+    blocks: int = eqx.field(static=True)
+
+    def __init__(self, din: int, dout: int, blocks: int, *, key: PRNGKeyArray):
+        if din % blocks or dout % blocks:
+            raise ValueError(f"BlockLinear: din={din} and dout={dout} must be divisible by blocks={blocks}")
+        self.blocks = blocks
+        self.weight = trunc_normal_init(key, (blocks, din // blocks, dout // blocks), din // blocks)
+        self.bias = jnp.zeros((dout,))
+
+    def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
+        batch = x.shape[:-1]
+        x = x.reshape(*batch, self.blocks, -1)
+        y = jnp.einsum("...gi,gio->...go", x, self.weight)
+        return y.reshape(*batch, -1) + self.bias

@@ -1,0 +1,45 @@
+"""The DreamerV3 (2024) optimiser from optax pieces: AGC -> RMS scaling -> momentum -> warmup lr."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 4e-5
+    warmup: int = 1000  # updates of linear learning-rate warmup from 0
+    agc: float = 0.3  # clip each tensor's gradient norm to agc * max(pmin, ||param||)
+    pmin: float = 1e-3
+    beta1: float = 0.9  # momentum, applied after the RMS scaling ("LaProp")
+    beta2: float = 0.999
+    eps: float = 1e-20
+
+
+def clip_by_agc(clip: float, pmin: float) -> optax.GradientTransformation:
+    """Adaptive gradient clipping per parameter tensor: ||g|| <= clip * max(pmin, ||p||).
+
+    (optax's `adaptive_grad_clip` clips per output unit; DreamerV3 clips whole tensors.)
+    """
+
+    def clip_fn(updates, params):
+        def one(g, p):
+            upper = clip * jnp.maximum(pmin, jnp.linalg.norm(p.ravel()))
+            return g / jnp.maximum(1.0, jnp.linalg.norm(g.ravel()) / upper)
+
+        return jax.tree.map(one, updates, params)
+
+    return optax.stateless(clip_fn)
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        clip_by_agc(config.agc, config.pmin),
+        optax.scale_by_rms(decay=config.beta2, eps=config.eps, eps_in_sqrt=False, bias_correction=True),
+        optax.ema(config.beta1, debias=True),
+        optax.scale_by_learning_rate(lambda count: config.lr * jnp.minimum(1.0, (count + 1) / max(config.warmup, 1))),
+    )

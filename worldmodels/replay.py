@@ -1,0 +1,195 @@
+"""Sequence replay buffer for many parallel environments, kept in host memory.
+
+Each env stream has its own FIFO ring of ``capacity // num_envs`` steps. All
+storage is allocated once in ``__init__``, so the buffer can never grow past
+``nbytes`` (see ``describe()``, meant to be printed when training starts).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+Spec = Mapping[str, tuple[tuple[int, ...], np.dtype | str]]
+
+_WRITTEN = "counter/written"  # steps ever written per env stream (same for every env)
+_DATA = "data/"  # prefix of the data arrays in state_dict()
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+class ReplayBuffer:
+    """FIFO sequence replay over ``num_envs`` parallel env streams.
+
+    Args:
+      spec: per step key, ``(shape, dtype)`` of one env's value, e.g.
+        ``{'image': ((64, 64, 3), np.uint8), 'reward': ((), np.float32)}``.
+        Dtypes are kept exactly (images stay uint8).
+      capacity: total steps over all envs. Each env gets ``capacity // num_envs``
+        slots; the remainder (if any) is dropped.
+      num_envs: number of parallel env streams; every ``add`` writes one step
+        to each of them.
+
+    Storage per key is ``[num_envs, capacity // num_envs, *shape]``. It is
+    allocated with ``np.zeros`` up front; the OS may commit pages lazily, but
+    resident memory never exceeds ``nbytes``.
+    """
+
+    def __init__(self, spec: Spec, capacity: int, num_envs: int):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        per_env = capacity // num_envs
+        if per_env < 1:
+            raise ValueError(
+                f"replay capacity {capacity} is too small for {num_envs} envs: "
+                f"each env stream needs at least 1 step (capacity // num_envs = {per_env})"
+            )
+        self.spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+            k: (tuple(int(d) for d in shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()
+        }
+        self.num_envs = num_envs
+        self.capacity_per_env = per_env
+        self._data = {
+            k: np.zeros((num_envs, per_env, *shape), dtype) for k, (shape, dtype) in self.spec.items()
+        }
+        self._written = 0  # steps ever added per env; ring position is written % per_env
+
+    # ----------------------------------------------------------------- sizes
+
+    @property
+    def capacity(self) -> int:
+        """Total steps the buffer can hold (``num_envs * capacity_per_env``)."""
+        return self.num_envs * self.capacity_per_env
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all preallocated data arrays (the buffer's fixed memory)."""
+        return sum(a.nbytes for a in self._data.values())
+
+    def describe(self) -> str:
+        """One line, e.g. ``'replay: 100000 steps (2 envs x 50000), 1.23 GiB'``."""
+        return (
+            f"replay: {self.capacity} steps ({self.num_envs} envs x {self.capacity_per_env}), "
+            f"{_human_bytes(self.nbytes)}"
+        )
+
+    def _stored_per_env(self) -> int:
+        return min(self._written, self.capacity_per_env)
+
+    def __len__(self) -> int:
+        """Steps currently stored, summed over env streams (<= ``capacity``)."""
+        return self.num_envs * self._stored_per_env()
+
+    def can_sample(self, seq_len: int) -> bool:
+        """Whether at least one window of ``seq_len`` consecutive stored steps exists."""
+        return 1 <= seq_len <= self._stored_per_env()
+
+    # ----------------------------------------------------------------- write
+
+    def add(self, step: Mapping[str, np.ndarray]) -> None:
+        """Append one step to every env stream, overwriting the oldest when full.
+
+        Args:
+          step: for every spec key, an array ``[num_envs, *shape]``. Values are
+            cast to the spec dtype; lossy kind changes (e.g. float -> uint8)
+            are rejected. Nothing is written unless all keys are valid.
+        """
+        if set(step) != set(self.spec):
+            missing, extra = set(self.spec) - set(step), set(step) - set(self.spec)
+            raise ValueError(f"replay.add: step keys mismatch; missing {sorted(missing)}, unexpected {sorted(extra)}")
+        values = {}
+        for key, (shape, dtype) in self.spec.items():
+            value = np.asarray(step[key])
+            expected = (self.num_envs, *shape)
+            if value.shape != expected:
+                raise ValueError(f"replay.add: key '{key}' expected shape {expected}, got {value.shape}")
+            if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+                raise ValueError(f"replay.add: key '{key}' expected dtype {dtype}, got {value.dtype}")
+            values[key] = value
+        slot = self._written % self.capacity_per_env
+        for key, value in values.items():
+            self._data[key][:, slot] = value
+        self._written += 1
+
+    # ---------------------------------------------------------------- sample
+
+    def sample(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Sample windows of consecutive steps, uniformly over all valid windows.
+
+        A window lies inside one env stream and follows written (chronological)
+        order; it never touches unwritten slots or jumps across the write
+        pointer. It may cross episode boundaries (marked by the data's own
+        ``is_first``).
+
+        Args:
+          batch_size: number of windows B.
+          seq_len: steps per window T.
+          rng: source of randomness; the same generator state gives the same batch.
+
+        Returns:
+          dict key -> array ``[B, T, *shape]`` with the spec dtype (a copy).
+        """
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"replay.sample: batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+        stored = self._stored_per_env()
+        if not self.can_sample(seq_len):
+            raise ValueError(
+                f"replay.sample: not enough data for seq_len={seq_len}: {stored} steps stored "
+                f"per env stream ({len(self)} in total over {self.num_envs} envs), "
+                f"need at least {seq_len} per env stream"
+            )
+        starts_per_env = stored - seq_len + 1
+        flat = rng.integers(0, self.num_envs * starts_per_env, size=batch_size)
+        env, start = np.divmod(flat, starts_per_env)
+        # Chronological index i lives at physical slot (oldest + i) % cap.
+        oldest = (self._written - stored) % self.capacity_per_env
+        slots = (oldest + start[:, None] + np.arange(seq_len)) % self.capacity_per_env  # [B, T]
+        return {k: a[env[:, None], slots] for k, a in self._data.items()}
+
+    # ------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Flat dict of numpy arrays for checkpointing.
+
+        Keys are ``'data/<spec key>'`` (``[num_envs, capacity_per_env, *shape]``)
+        and ``'counter/written'`` (int64 scalar). Data arrays are read-only
+        views of the buffer's storage, not copies, so a big buffer is not
+        duplicated in RAM; save them before the next ``add``.
+        """
+        state: dict[str, np.ndarray] = {}
+        for key, array in self._data.items():
+            view = array.view()
+            view.flags.writeable = False
+            state[_DATA + key] = view
+        state[_WRITTEN] = np.array(self._written, np.int64)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore exactly from ``state_dict()`` output of a buffer with the same
+        spec, capacity and num_envs (data is copied into this buffer's storage)."""
+        expected = {_DATA + k for k in self._data} | {_WRITTEN}
+        if set(state) != expected:
+            raise ValueError(
+                "replay.load_state_dict: checkpoint comes from a replay with another spec: "
+                f"expected keys {sorted(expected)}, got {sorted(state)}"
+            )
+        for key, array in self._data.items():
+            got = np.asarray(state[_DATA + key])
+            if got.shape != array.shape or got.dtype != array.dtype:
+                raise ValueError(
+                    "replay.load_state_dict: checkpoint comes from a replay with another "
+                    f"spec/capacity/num_envs: key '{key}' expected {array.shape} {array.dtype}, "
+                    f"got {got.shape} {got.dtype}"
+                )
+        written = np.asarray(state[_WRITTEN])
+        if written.shape != () or not np.issubdtype(written.dtype, np.integer) or int(written) < 0:
+            raise ValueError(f"replay.load_state_dict: '{_WRITTEN}' must be a non-negative integer scalar, got {written!r}")
+        for key, array in self._data.items():
+            np.copyto(array, state[_DATA + key])
+        self._written = int(written)

@@ -1,0 +1,62 @@
+"""The one interface every sequence model implements (RSSM, S3M).
+
+Nothing above `worldmodels/sequence/` branches on which model it holds: the world model, the
+imagination and the policy only call these methods.
+
+Conventions: `state` is a PyTree whose leaves have leading batch axes (`[B]` for one step, `[B, T]`
+for a sequence). At step t, `action` is the action that led INTO step t (a_{t-1}); at steps with
+`is_first` the model resets its state to its initial state and ignores that action.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import equinox as eqx
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+State = Any  # a PyTree of arrays with leading batch axes
+
+
+class SequenceModel(eqx.Module):
+    """Abstract latent sequence model: a prior that imagines and a posterior that observes."""
+
+    @abc.abstractmethod
+    def initial(self, batch_size: int) -> State:
+        """The initial (reset) state, batched: leaves `[batch_size, ...]`."""
+
+    @abc.abstractmethod
+    def observe(self, state: State, embed: Float[Array, "b t e"], action: Float[Array, "b t a"],
+                is_first: Bool[Array, "b t"], key: PRNGKeyArray) -> tuple[State, State]:
+        """Posterior and prior states for every step of a sequence, starting after `state` ([B])."""
+
+    @abc.abstractmethod
+    def obs_step(self, state: State, embed: Float[Array, "b e"], action: Float[Array, "b a"],
+                 is_first: Bool[Array, "b"], key: PRNGKeyArray) -> tuple[State, State]:
+        """One observed step: (posterior, prior) `[B]`. The path the policy uses when acting."""
+
+    @abc.abstractmethod
+    def img_step(self, state: State, action: Float[Array, "b a"], key: PRNGKeyArray) -> State:
+        """One imagined step with the prior: the next state `[B]` given the action taken in `state`."""
+
+    @abc.abstractmethod
+    def features(self, state: State) -> Float[Array, "... f"]:
+        """What the heads, the actor and the critic read from a state."""
+
+    @property
+    @abc.abstractmethod
+    def feature_dim(self) -> int:
+        """Size of `features(state)`'s last axis."""
+
+    def policy_features(self, state: State) -> Float[Array, "... f"]:
+        """What the actor and critic read (models may expose more of their state than the heads)."""
+        return self.features(state)
+
+    @property
+    def policy_feature_dim(self) -> int:
+        return self.feature_dim
+
+    @abc.abstractmethod
+    def kl_loss(self, post: State, prior: State, free: float) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
+        """(dyn, rep) KL terms per step, each clipped below at `free` nats."""

@@ -1,0 +1,156 @@
+"""DreamerV3's recurrent state-space model (2024 variant): block-diagonal GRU + categorical latents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from worldmodels.dists import OneHotCategorical, sg
+from worldmodels.nn import MLP, BlockLinear, DenseBlock, Linear, Normalize
+from worldmodels.nn.layers import Norm
+from worldmodels.sequence.base import SequenceModel
+
+
+@dataclass(frozen=True)
+class RSSMConfig:
+    deter: int = 512
+    hidden: int = 64
+    stoch: int = 32
+    classes: int = 4
+    blocks: int = 8
+    img_layers: int = 2
+    obs_layers: int = 1
+    unimix: float = 0.01
+    norm: Norm = "rms"
+
+
+class RSSMState(NamedTuple):
+    deter: Float[Array, "... d"]
+    stoch: Float[Array, "... s k"]
+    logits: Float[Array, "... s k"]
+
+
+def _reset(state: RSSMState, initial: RSSMState, is_first: Bool[Array, " b"]) -> RSSMState:
+    return jax.tree.map(lambda x, x0: jnp.where(is_first.reshape(-1, *[1] * (x.ndim - 1)), x0, x), state, initial)
+
+
+class RSSM(SequenceModel):
+    """h_t = GRU(h_{t-1}, z_{t-1}, a_{t-1}); prior p(z_t | h_t); posterior q(z_t | h_t, e_t).
+
+    Each of (h, z, a) is projected by Linear -> norm -> SiLU, then a GRU whose matrices are
+    block-diagonal over `blocks` groups updates h. Initial state: zeros.
+    """
+
+    config: RSSMConfig = eqx.field(static=True)
+    action_dim: int = eqx.field(static=True)
+    in_deter: DenseBlock
+    in_stoch: DenseBlock
+    in_action: DenseBlock
+    hidden_layer: BlockLinear
+    hidden_norm: Normalize
+    gates: BlockLinear
+    prior_net: MLP
+    prior_out: Linear
+    post_net: MLP
+    post_out: Linear
+
+    def __init__(self, config: RSSMConfig, embed_dim: int, action_dim: int, *, key: PRNGKeyArray):
+        c = config
+        if c.deter % c.blocks:
+            raise ValueError(f"RSSM deter={c.deter} must be divisible by blocks={c.blocks}")
+        self.config = c
+        self.action_dim = action_dim
+        k = jax.random.split(key, 9)
+        flat = c.stoch * c.classes
+        self.in_deter = DenseBlock(c.deter, c.hidden, key=k[0], norm=c.norm)
+        self.in_stoch = DenseBlock(flat, c.hidden, key=k[1], norm=c.norm)
+        self.in_action = DenseBlock(action_dim, c.hidden, key=k[2], norm=c.norm)
+        group_in = c.deter // c.blocks + 3 * c.hidden
+        self.hidden_layer = BlockLinear(c.blocks * group_in, c.deter, c.blocks, key=k[3])
+        self.hidden_norm = Normalize(c.deter // c.blocks, c.norm)
+        self.gates = BlockLinear(c.deter, 3 * c.deter, c.blocks, key=k[4])
+        self.prior_net = MLP(c.deter, c.hidden, c.img_layers, key=k[5], norm=c.norm)
+        self.prior_out = Linear(c.hidden, flat, key=k[6])
+        self.post_net = MLP(c.deter + embed_dim, c.hidden, c.obs_layers, key=k[7], norm=c.norm)
+        self.post_out = Linear(c.hidden, flat, key=k[8])
+
+    # --- pieces -------------------------------------------------------------------------------
+    def _dist(self, logits: Array) -> OneHotCategorical:
+        logits = logits.reshape(*logits.shape[:-1], self.config.stoch, self.config.classes)
+        return OneHotCategorical.from_logits(logits, self.config.unimix, event_dims=2)
+
+    def _gru(self, deter: Array, stoch: Array, action: Array) -> Array:
+        c = self.config
+        g = c.blocks
+        batch = deter.shape[:-1]
+        action = action / sg(jnp.maximum(1.0, jnp.abs(action)))
+        x = jnp.concatenate([self.in_deter(deter), self.in_stoch(stoch.reshape(*batch, -1)),
+                             self.in_action(action)], -1)
+        x = jnp.broadcast_to(x[..., None, :], (*batch, g, x.shape[-1]))
+        x = jnp.concatenate([deter.reshape(*batch, g, -1), x], -1).reshape(*batch, -1)
+        x = self.hidden_layer(x).reshape(*batch, g, -1)
+        x = jax.nn.silu(self.hidden_norm(x)).reshape(*batch, -1)
+        reset, cand, update = jnp.split(self.gates(x).reshape(*batch, g, 3, -1), 3, axis=-2)
+        reset = jax.nn.sigmoid(reset.reshape(*batch, -1))
+        cand = jnp.tanh(reset * cand.reshape(*batch, -1))
+        update = jax.nn.sigmoid(update.reshape(*batch, -1) - 1.0)
+        return update * cand + (1.0 - update) * deter
+
+    def _prior_logits(self, deter: Array) -> Array:
+        return self._dist(self.prior_out(self.prior_net(deter))).logits
+
+    # --- interface ------------------------------------------------------------------------------
+    def initial(self, batch_size: int) -> RSSMState:
+        c = self.config
+        zeros = jnp.zeros((batch_size, c.stoch, c.classes))
+        return RSSMState(jnp.zeros((batch_size, c.deter)), zeros, zeros)
+
+    def img_step(self, state: RSSMState, action: Float[Array, "b a"], key: PRNGKeyArray) -> RSSMState:
+        deter = self._gru(state.deter, state.stoch, action)
+        logits = self._prior_logits(deter)
+        stoch = OneHotCategorical(logits, 2).sample(key)
+        return RSSMState(deter, stoch, logits)
+
+    def obs_step(self, state: RSSMState, embed: Float[Array, "b e"], action: Float[Array, "b a"],
+                 is_first: Bool[Array, " b"], key: PRNGKeyArray) -> tuple[RSSMState, RSSMState]:
+        state = _reset(state, self.initial(is_first.shape[0]), is_first)
+        action = jnp.where(is_first[:, None], 0.0, action)
+        deter = self._gru(state.deter, state.stoch, action)
+        prior_logits = self._prior_logits(deter)
+        post_logits = self._dist(self.post_out(self.post_net(jnp.concatenate([deter, embed], -1)))).logits
+        stoch = OneHotCategorical(post_logits, 2).sample(key)
+        # The prior's sample is never used for training, so it is not drawn; its stoch slot holds
+        # the posterior sample to keep both states the same PyTree.
+        return RSSMState(deter, stoch, post_logits), RSSMState(deter, stoch, prior_logits)
+
+    def observe(self, state: RSSMState, embed: Float[Array, "b t e"], action: Float[Array, "b t a"],
+                is_first: Bool[Array, "b t"], key: PRNGKeyArray) -> tuple[RSSMState, RSSMState]:
+        keys = jax.random.split(key, embed.shape[1])
+
+        def step(carry, inputs):
+            e, a, f, k = inputs
+            post, prior = self.obs_step(carry, e, a, f, k)
+            return post, (post, prior)
+
+        swap = lambda x: jnp.swapaxes(x, 0, 1)
+        _, (post, prior) = jax.lax.scan(step, state, (swap(embed), swap(action), swap(is_first), keys))
+        return jax.tree.map(swap, post), jax.tree.map(swap, prior)
+
+    def features(self, state: RSSMState) -> Float[Array, "... f"]:
+        return jnp.concatenate([state.deter, state.stoch.reshape(*state.stoch.shape[:-2], -1)], -1)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.deter + self.config.stoch * self.config.classes
+
+    def kl_loss(self, post: RSSMState, prior: RSSMState, free: float) -> tuple[Array, Array]:
+        post_d = OneHotCategorical(post.logits, 2)
+        prior_d = OneHotCategorical(prior.logits, 2)
+        dyn = OneHotCategorical(sg(post.logits), 2).kl(prior_d)
+        rep = post_d.kl(OneHotCategorical(sg(prior.logits), 2))
+        return jnp.maximum(dyn, free), jnp.maximum(rep, free)
