@@ -1,0 +1,261 @@
+import os
+import pickle
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from worldmodels.checkpoint import CheckpointMismatchError, Checkpointer
+
+
+class Agent(eqx.Module):
+    model: eqx.nn.MLP
+    opt_state: optax.OptState
+    step: jax.Array
+    key: jax.Array
+    name: str = eqx.field(static=True, default="agent")
+
+
+def make_agent(seed: int, width: int = 8, typed_key: bool = False) -> Agent:
+    model = eqx.nn.MLP(3, 2, width, 2, key=jax.random.PRNGKey(seed))
+    opt_state = optax.adam(1e-3).init(eqx.filter(model, eqx.is_array))
+    key = jax.random.key(seed + 100) if typed_key else jax.random.PRNGKey(seed + 100)
+    return Agent(model, opt_state, jnp.int32(seed), key)
+
+
+def perturb(agent: Agent, seed: int) -> Agent:
+    """Random values in every float leaf, new counters, new key."""
+    leaves, treedef = jax.tree.flatten(eqx.filter(agent, eqx.is_array))
+    rng = np.random.default_rng(seed)
+    new = [
+        jnp.asarray(rng.standard_normal(x.shape).astype(x.dtype))
+        if jnp.issubdtype(x.dtype, jnp.floating)
+        else x + 7
+        if jnp.issubdtype(x.dtype, jnp.integer)
+        else x
+        for x in leaves
+    ]
+    arrays = jax.tree.unflatten(treedef, new)
+    agent = eqx.combine(arrays, eqx.filter(agent, eqx.is_array, inverse=True))
+    return eqx.tree_at(lambda a: a.key, agent, jax.random.split(agent.key)[0])
+
+
+def bits(x) -> np.ndarray:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    x = np.asarray(x)
+    if x.dtype == np.bool_:
+        return x.view(np.uint8)
+    return x.view(np.dtype(f"uint{8 * x.dtype.itemsize}"))
+
+
+def assert_trees_bit_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        if eqx.is_array(x):
+            assert eqx.is_array(y)
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert np.array_equal(bits(x), bits(y))
+        else:
+            assert x == y
+
+
+def make_replay(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8),
+        "is_first": rng.random(5) < 0.5,
+        "counter": np.array([2**40 + 3, -5, 2**62], dtype=np.int64),
+        "reward": rng.standard_normal(5).astype(np.float32),
+        "scalar": np.array(123456789012, dtype=np.int64),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+
+
+def replay_template_like(replay):
+    return {k: np.zeros_like(v) for k, v in replay.items()}
+
+
+def test_round_trip_bit_exact(tmp_path):
+    agent = perturb(make_agent(0), seed=1)
+    replay = make_replay(0)
+    gen = np.random.default_rng(1234)
+    gen.random(17)
+    meta = {
+        "env_steps": 1234,
+        "np_steps": np.int64(99),
+        "config": {"lr": 1e-3, "layers": [1, 2], "name": "x", "nan": float("nan")},
+        "rng": gen.bit_generator.state,
+        "huge": 2**200 + 1,
+    }
+    env_state = pickle.dumps({"a": [1, 2, 3], "b": b"\x00\xff"})
+    blobs = {"env": env_state, "empty": b"", "odd name/with.dots": bytes(range(256))}
+
+    ck = Checkpointer(tmp_path / "ckpt")
+    ck.save(10, agent, replay, meta, blobs)
+    ck.close()
+
+    ck = Checkpointer(tmp_path / "ckpt")  # fresh, as after a restart
+    assert ck.latest_step() == 10
+    template = make_agent(5)  # different values everywhere
+    assert not np.array_equal(bits(template.model.layers[0].weight),
+                              bits(agent.model.layers[0].weight))
+    got_agent, got_replay, got_meta, got_blobs = ck.restore(
+        template, replay_template_like(replay)
+    )
+    ck.close()
+
+    assert_trees_bit_equal(got_agent, agent)
+    assert got_agent.name == "agent"
+    assert got_agent.model.activation is template.model.activation
+    assert isinstance(got_agent.opt_state[0], optax.ScaleByAdamState)
+
+    assert list(got_replay) == list(replay)
+    for k, v in replay.items():
+        assert isinstance(got_replay[k], np.ndarray), k
+        assert got_replay[k].dtype == v.dtype and got_replay[k].shape == v.shape, k
+        assert np.array_equal(got_replay[k], v), k
+
+    assert got_meta["env_steps"] == 1234 and got_meta["np_steps"] == 99
+    assert got_meta["huge"] == 2**200 + 1
+    assert got_meta["config"]["layers"] == [1, 2]
+    assert np.isnan(got_meta["config"]["nan"])
+    gen2 = np.random.default_rng(0)
+    gen2.bit_generator.state = got_meta["rng"]
+    assert np.array_equal(gen2.random(10), gen.random(10))
+    assert np.array_equal(gen2.integers(0, 2**63, 10), gen.integers(0, 2**63, 10))
+
+    assert got_blobs == blobs
+    assert pickle.loads(got_blobs["env"]) == {"a": [1, 2, 3], "b": b"\x00\xff"}
+
+
+def test_typed_keys_and_no_replay(tmp_path):
+    agent = perturb(make_agent(0, typed_key=True), seed=3)
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, agent, None, {}, wait=True)
+        got, replay, meta, blobs = ck.restore(make_agent(4, typed_key=True), None)
+    assert replay is None and meta == {} and blobs == {}
+    assert jax.dtypes.issubdtype(got.key.dtype, jax.dtypes.prng_key)
+    assert jax.random.key_impl(got.key) == jax.random.key_impl(agent.key)
+    assert_trees_bit_equal(got, agent)
+    # The restored key produces the same random numbers.
+    assert np.array_equal(jax.random.normal(got.key, (4,)), jax.random.normal(agent.key, (4,)))
+
+
+def test_replay_not_requested_or_not_saved(tmp_path):
+    agent = make_agent(0)
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, agent, make_replay(), {"a": 1}, wait=True)
+        _, replay, _, _ = ck.restore(make_agent(1), None)
+        assert replay is None
+        ck.save(2, agent, None, {"a": 2}, wait=True)
+        _, replay, meta, _ = ck.restore(make_agent(1), replay_template_like(make_replay()))
+        assert replay is None and meta == {"a": 2}
+
+
+def test_async_save_copies_inputs(tmp_path):
+    agent = make_agent(0)
+    replay = make_replay(0)
+    expected = {k: v.copy() for k, v in replay.items()}
+    with Checkpointer(tmp_path) as ck:
+        ck.save(3, agent, replay, {})
+        for v in replay.values():  # caller keeps filling its buffer
+            v[...] = np.zeros_like(v)
+        ck.wait()
+        _, got, _, _ = ck.restore(make_agent(1), replay_template_like(replay))
+    for k, v in expected.items():
+        assert np.array_equal(got[k], v), k
+
+
+def test_latest_step_and_max_to_keep(tmp_path):
+    agent = make_agent(0)
+    ck = Checkpointer(tmp_path, max_to_keep=2)
+    assert ck.latest_step() is None
+    for step in (5, 10, 15, 20):
+        ck.save(step, agent, None, {"step": step})
+    ck.save(20, agent, None, {"step": -1})  # existing step: skipped
+    ck.close()
+    ck = Checkpointer(tmp_path, max_to_keep=2)
+    assert ck.latest_step() == 20
+    assert ck.all_steps() == [15, 20]
+    assert sorted(p for p in os.listdir(tmp_path) if p.isdigit()) == ["15", "20"]
+    assert ck.restore(agent, None)[2] == {"step": 20}
+    assert ck.restore(agent, None, step=15)[2] == {"step": 15}
+    with pytest.raises(FileNotFoundError, match="step 5"):
+        ck.restore(agent, None, step=5)
+    ck.close()
+
+
+def test_unfinalised_checkpoint_is_ignored(tmp_path):
+    agent = make_agent(0)
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, agent, None, {"step": 1}, wait=True)
+    # What a crash in the middle of writing step 2 leaves behind.
+    tmp_dir = tmp_path / "2.orbax-checkpoint-tmp-1234567"
+    (tmp_dir / "agent").mkdir(parents=True)
+    (tmp_dir / "agent" / "junk").write_bytes(b"partial")
+    with Checkpointer(tmp_path) as ck:
+        assert ck.latest_step() == 1
+        assert ck.restore(agent, None)[2] == {"step": 1}
+        ck.save(2, agent, None, {"step": 2}, wait=True)
+        assert ck.latest_step() == 2
+
+
+def test_mismatched_template_raises(tmp_path):
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, make_agent(0, width=8), make_replay(), {}, wait=True)
+        with pytest.raises(CheckpointMismatchError) as info:
+            ck.restore(make_agent(0, width=16), replay_template_like(make_replay()))
+        msg = str(info.value)
+        assert "model.layers.0.weight" in msg
+        assert "(8, 3) float32" in msg and "(16, 3) float32" in msg
+        assert "different config" in msg and "new run directory" in msg
+
+        bad_replay = replay_template_like(make_replay())
+        bad_replay["image"] = bad_replay["image"].astype(np.float32)
+        bad_replay["extra"] = np.zeros(3, np.int32)
+        with pytest.raises(CheckpointMismatchError, match="image") as info:
+            ck.restore(make_agent(1), bad_replay)
+        assert "extra" in str(info.value)
+
+
+def test_restore_without_checkpoint(tmp_path):
+    with Checkpointer(tmp_path / "run") as ck:
+        assert ck.latest_step() is None
+        with pytest.raises(FileNotFoundError, match="No finalised checkpoint"):
+            ck.restore(make_agent(0), None)
+
+
+def test_meta_must_be_json(tmp_path):
+    with Checkpointer(tmp_path) as ck:
+        with pytest.raises(TypeError):
+            ck.save(1, make_agent(0), None, {"arr": np.zeros(3)})
+        with pytest.raises(TypeError):
+            ck.save(1, make_agent(0), None, {1: "int key"})
+        assert ck.latest_step() is None
+
+
+def test_dict_state_zero_size_and_abstract_template(tmp_path):
+    state = {
+        "agent": perturb(make_agent(0), seed=2),
+        "empty": jnp.zeros((0, 4), jnp.float32),
+        "counts": jnp.arange(3, dtype=jnp.int32),
+        "none": None,
+        "python_int": 7,
+    }
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, state, {}, {}, wait=True)
+        template = {**state, "agent": make_agent(1), "counts": jnp.zeros(3, jnp.int32)}
+        got, replay, _, _ = ck.restore(template, {})
+        assert replay == {}
+        assert_trees_bit_equal(got, state)
+        # An abstract template (no allocation) works too.
+        abstract = eqx.filter_eval_shape(lambda: template)
+        abstract = {**abstract, "python_int": 7}
+        got2, _, _, _ = ck.restore(abstract, None)
+        assert_trees_bit_equal(got2, state)

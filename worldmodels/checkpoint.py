@@ -1,0 +1,552 @@
+"""Resumable checkpoints of a training run, built on orbax.
+
+A checkpoint at step ``N`` is one orbax step directory ``<directory>/N`` with
+four items:
+
+``agent``
+    The array leaves of the agent state (``eqx.filter(state, eqx.is_array)``)
+    saved with ``StandardSave``.  New-style typed PRNG keys are stored as their
+    raw ``key_data`` and re-wrapped on restore with the template's key impl.
+``replay``
+    The replay buffer, a flat ``dict[str, np.ndarray]`` (``StandardSave``;
+    restored as numpy arrays with the saved dtypes, int64 included).
+``blobs``
+    Named raw bytes, stored as uint8 arrays under the keys ``b0``, ``b1``, ...
+``meta``
+    A JSON document (``JsonSave``) holding the caller's ``meta`` plus the
+    bookkeeping needed to restore (blob names and lengths, zero-size arrays,
+    which items were saved).
+
+orbax cannot write zero-size arrays, so those (and empty blobs) are recorded
+in ``meta`` and rebuilt on restore; an item with nothing left to write is not
+written at all.
+
+Saves are asynchronous: :meth:`Checkpointer.save` returns once the arrays have
+been copied off the device / out of the caller's numpy buffers (orbax deep-
+copies host arrays), and the files are written in a background thread.  orbax
+writes each step into ``<N>.orbax-checkpoint-tmp-*`` and renames it to ``<N>``
+only when complete, so a crash mid-save leaves no step directory behind;
+:meth:`Checkpointer.latest_step` only reports finalised steps.
+
+Before restoring, the template's array paths, shapes and dtypes are compared
+with orbax's saved metadata; a difference raises
+:class:`CheckpointMismatchError` naming the differing leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import absl.logging
+import equinox as eqx
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer", "CheckpointMismatchError"]
+
+# orbax logs every save/restore step at INFO through absl; keep warnings and
+# errors.
+absl.logging.set_verbosity(absl.logging.WARNING)
+
+_log = logging.getLogger(__name__)
+
+_FORMAT_VERSION = 1
+_ARRAY_ITEMS = ("agent", "replay", "blobs")
+_COMMIT_FILE = "commit_success.txt"
+_MAX_LISTED = 8
+_FIX_HINT = (
+    "This run directory holds a checkpoint of a different config: resume with "
+    "the config saved in the run directory, or start a new run directory."
+)
+
+
+class CheckpointMismatchError(ValueError):
+    """The template does not match what the checkpoint holds."""
+
+
+# --------------------------------------------------------------------------
+# pytree helpers
+
+
+def _is_array_like(x: Any) -> bool:
+    """Array leaves of an agent state; abstract (ShapeDtypeStruct) leaves too."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _is_typed_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_to_str(k: Any) -> str:
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return k.name
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, jax.tree_util.FlattenedIndexKey):
+        return str(k.key)
+    return str(k)
+
+
+def _path(keypath) -> tuple[str, ...]:
+    return tuple(_key_to_str(k) for k in keypath)
+
+
+def _fmt_path(path: tuple[str, ...]) -> str:
+    return ".".join(path) if path else "<root>"
+
+
+def _dtype_str(dtype: Any) -> str:
+    return str(np.dtype(dtype))
+
+
+def _spec(x: Any) -> tuple[tuple[int, ...], str]:
+    return tuple(int(d) for d in x.shape), _dtype_str(x.dtype)
+
+
+def _fmt_spec(spec: tuple[tuple[int, ...], str]) -> str:
+    return f"{spec[0]} {spec[1]}"
+
+
+def _flat_specs(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+    """``{path: (shape, dtype)}`` of the array leaves of ``tree`` (None = no leaf)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path(p): _spec(x) for p, x in leaves}
+
+
+def _drop_zero_size(tree: Any) -> tuple[Any, list]:
+    """Replace zero-size arrays (which orbax refuses to write) by None.
+
+    Returns the new tree and ``[[path, shape, dtype], ...]`` of what was dropped.
+    """
+    dropped = []
+
+    def f(keypath, x):
+        if x is not None and int(np.prod(x.shape)) == 0:
+            shape, dtype = _spec(x)
+            dropped.append([list(_path(keypath)), list(shape), dtype])
+            return None
+        return x
+
+    return jax.tree_util.tree_map_with_path(f, tree), dropped
+
+
+def _has_leaves(tree: Any) -> bool:
+    return len(jax.tree_util.tree_leaves(tree)) > 0
+
+
+def _to_jsonable(x: Any, where: str = "meta") -> Any:
+    """Checks that ``x`` round-trips through JSON; converts numpy scalars.
+
+    Python ints of any size (e.g. ``np.random.Generator.bit_generator.state``)
+    round-trip exactly through Python's json module, which JsonSave uses.
+    """
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, dict):
+        out = {}
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise TypeError(
+                    f"{where}: dict key {k!r} is not a str; JSON would turn it "
+                    "into one and it would not round trip"
+                )
+            out[k] = _to_jsonable(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    raise TypeError(
+        f"{where}: {type(x).__name__} is not JSON-able; put arrays in "
+        "replay_state and opaque objects in blobs"
+    )
+
+
+# --------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores a training run: agent state + replay + metadata, resumable.
+
+    Args:
+        directory: the run's checkpoint directory (created if missing).
+        max_to_keep: how many of the most recent checkpoints to keep.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self._name_format = ocp.path.step.standard_name_format()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            # Remove `<step>.orbax-checkpoint-tmp-*` left by a crashed save.
+            cleanup_tmp_directories=True,
+            step_name_format=self._name_format,
+        )
+        # Registering the handlers up front lets a fresh process read the
+        # metadata of every item before its first restore.
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "agent": ocp.StandardCheckpointHandler(),
+                "replay": ocp.StandardCheckpointHandler(),
+                "blobs": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def wait(self) -> None:
+        """Blocks until every pending save is written and finalised."""
+        if not self._closed:
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases orbax's resources."""
+        if self._closed:
+            return
+        try:
+            self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
+            self._closed = True
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"Checkpointer for {self.directory} is closed")
+
+    # -- steps -------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Finalised steps on disk, ascending (a save in flight is not included)."""
+        if not os.path.isdir(self.directory):
+            return []
+        steps = []
+        for m in self._name_format.find_all(self.directory):
+            # find_all already skips `*.orbax-checkpoint-tmp-*`; orbax writes
+            # the commit file just before the final rename, so also require it
+            # (guards against half-deleted old steps).
+            if os.path.exists(os.path.join(os.fspath(m.path), _COMMIT_FILE)):
+                steps.append(int(m.step))
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        """The last finalised step, or None if there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # -- save --------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        agent_state: Any,
+        replay_state: dict[str, np.ndarray] | None,
+        meta: dict,
+        blobs: dict[str, bytes] | None = None,
+        wait: bool = False,
+    ) -> None:
+        """Starts saving a checkpoint at ``step`` (asynchronously unless ``wait``).
+
+        The caller may modify ``replay_state``'s arrays as soon as this returns
+        (orbax copies them).  Saving a step that already exists is skipped with
+        a warning.
+        """
+        self._check_open()
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step in self._manager.all_steps():
+            _log.warning(
+                "checkpoint step %d already exists in %s; not saving it again",
+                step,
+                self.directory,
+            )
+            if wait:
+                self.wait()
+            return
+        latest = self._manager.latest_step()
+        if latest is not None and step < latest:
+            _log.warning(
+                "saving step %d below the latest checkpoint step %d in %s; "
+                "restore() without a step will still pick step %d",
+                step,
+                latest,
+                self.directory,
+                latest,
+            )
+
+        # Validate everything before orbax starts its background work.
+        user_meta = _to_jsonable(meta)
+        info: dict[str, Any] = {
+            "format_version": _FORMAT_VERSION,
+            "replay_saved": replay_state is not None,
+            "zero_size": {},
+            "blobs": [],
+        }
+        trees: dict[str, Any] = {}
+
+        # agent: array leaves only; typed keys as raw key data.
+        arrays = eqx.filter(agent_state, eqx.is_array)
+        arrays = jax.tree.map(
+            lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, arrays
+        )
+        trees["agent"] = arrays
+
+        if replay_state is not None:
+            replay = {}
+            for k, v in replay_state.items():
+                if not isinstance(k, str):
+                    raise TypeError(f"replay_state key {k!r} is not a str")
+                replay[k] = np.asarray(v)
+            trees["replay"] = replay
+
+        blob_arrays = {}
+        for i, (name, data) in enumerate((blobs or {}).items()):
+            if not isinstance(name, str):
+                raise TypeError(f"blob name {name!r} is not a str")
+            data = bytes(data)
+            info["blobs"].append([name, len(data)])
+            blob_arrays[f"b{i}"] = np.frombuffer(data, dtype=np.uint8).copy()
+        trees["blobs"] = blob_arrays
+
+        items: dict[str, Any] = {}
+        saved_items = []
+        for name, tree in trees.items():
+            tree, dropped = _drop_zero_size(tree)
+            if dropped:
+                info["zero_size"][name] = dropped
+            if _has_leaves(tree):
+                items[name] = ocp.args.StandardSave(tree)
+                saved_items.append(name)
+        info["items"] = saved_items
+
+        document = {"checkpointer": info, "user": user_meta}
+        json.dumps(document)  # fail here, not in orbax's background thread
+        items["meta"] = ocp.args.JsonSave(document)
+
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if not saved:  # should not happen with force=True
+            raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
+        if wait:
+            self.wait()
+
+    # -- restore -----------------------------------------------------------
+
+    def restore(
+        self,
+        agent_template: Any,
+        replay_template: dict[str, np.ndarray] | None,
+        step: int | None = None,
+    ) -> tuple[Any, dict[str, np.ndarray] | None, dict, dict[str, bytes]]:
+        """Restores ``(agent_state, replay_state, meta, blobs)``.
+
+        ``agent_template`` gives the PyTree structure, static fields, shapes,
+        dtypes and shardings (e.g. a freshly initialised agent state; its array
+        leaves may also be ``jax.ShapeDtypeStruct``).  ``replay_template`` gives
+        the replay keys, shapes and dtypes (numpy arrays or anything with
+        ``.shape``/``.dtype``); pass None to skip restoring the replay, which is
+        then returned as None (as it is when the checkpoint holds none).
+
+        Raises:
+            FileNotFoundError: there is no (such) finalised checkpoint.
+            CheckpointMismatchError: the templates do not match the checkpoint.
+        """
+        self._check_open()
+        self.wait()
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(
+                    f"No finalised checkpoint found in {self.directory}; "
+                    "nothing to restore (start a new run, or point to the right "
+                    "run directory)."
+                )
+            step = steps[-1]
+        step = int(step)
+        if step not in steps:
+            raise FileNotFoundError(
+                f"No finalised checkpoint for step {step} in {self.directory}; "
+                f"available steps: {steps or 'none'}."
+            )
+
+        document = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+        info = document["checkpointer"]
+        if info.get("format_version") != _FORMAT_VERSION:
+            raise CheckpointMismatchError(
+                f"Checkpoint step {step} in {self.directory} has format version "
+                f"{info.get('format_version')!r}, expected {_FORMAT_VERSION}."
+            )
+        saved_items = set(info["items"])
+        zero_size = {
+            name: {tuple(p): (tuple(s), d) for p, s, d in entries}
+            for name, entries in info["zero_size"].items()
+        }
+        item_meta = self._manager.item_metadata(step)
+
+        def saved_specs(name: str) -> dict:
+            specs = dict(zero_size.get(name, {}))
+            if name in saved_items:
+                md = item_meta[name] if name in item_meta else None
+                if md is None:
+                    raise CheckpointMismatchError(
+                        f"Checkpoint step {step} in {self.directory}: orbax "
+                        f"metadata of item {name!r} is missing or unreadable."
+                    )
+                tree = getattr(md, "tree", md)
+                specs.update(_flat_specs(tree))
+            return specs
+
+        args: dict[str, Any] = {}
+
+        # agent
+        arrays, static = eqx.partition(agent_template, _is_array_like)
+        typed = jax.tree.map(_is_typed_key, arrays)
+        raw = jax.tree.map(
+            lambda x: jax.random.key_data(x)
+            if _is_typed_key(x) and isinstance(x, jax.Array)
+            else x,
+            arrays,
+        )
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, raw)
+        self._check_match(step, "agent state", saved_specs("agent"), _flat_specs(abstract))
+        agent_zero = zero_size.get("agent", {})
+        abstract_saved = jax.tree_util.tree_map_with_path(
+            lambda p, x: None if _path(p) in agent_zero else x, abstract
+        )
+        if "agent" in saved_items:
+            args["agent"] = ocp.args.StandardRestore(abstract_saved)
+
+        # replay
+        restore_replay = replay_template is not None and info["replay_saved"]
+        if restore_replay:
+            replay_specs = {}
+            for k, v in replay_template.items():
+                replay_specs[(str(k),)] = _spec(v)
+            self._check_match(step, "replay state", saved_specs("replay"), replay_specs)
+            replay_zero = zero_size.get("replay", {})
+            # Zero-size arrays were saved as None: keep them None in the target.
+            target = {
+                k: None if (k,) in replay_zero else np.empty(shape, dtype)
+                for (k,), (shape, dtype) in replay_specs.items()
+            }
+            if "replay" in saved_items:
+                args["replay"] = ocp.args.StandardRestore(target)
+
+        # blobs
+        if "blobs" in saved_items:
+            target = {
+                f"b{i}": np.empty((length,), np.uint8) if length else None
+                for i, (_, length) in enumerate(info["blobs"])
+            }
+            args["blobs"] = ocp.args.StandardRestore(target)
+
+        restored = (
+            self._manager.restore(step, args=ocp.args.Composite(**args)) if args else {}
+        )
+
+        # agent: re-wrap typed keys, rebuild zero-size leaves, add static part.
+        restored_arrays = restored["agent"] if "agent" in args else abstract_saved
+
+        def finish(p, tmpl, got, is_typed):
+            path = _path(p)
+            if path in agent_zero:
+                sharding = getattr(tmpl, "sharding", None)
+                shape, dtype = agent_zero[path]
+                got = jax.numpy.zeros(shape, dtype, device=sharding)
+            if is_typed:
+                got = jax.random.wrap_key_data(got, impl=jax.random.key_impl(tmpl))
+            return got
+
+        arrays_out = jax.tree_util.tree_map_with_path(
+            finish, arrays, _fill_none(restored_arrays, arrays), typed
+        )
+        agent_state = eqx.combine(arrays_out, static)
+
+        replay_out = None
+        if restore_replay:
+            got = restored["replay"] if "replay" in args else {}
+            replay_out = {}
+            for k, v in replay_template.items():
+                shape, dtype = _spec(v)
+                if (str(k),) in zero_size.get("replay", {}):
+                    replay_out[k] = np.zeros(shape, dtype)
+                else:
+                    replay_out[k] = np.asarray(got[str(k)], dtype=dtype).reshape(shape)
+
+        blobs_out = {}
+        got_blobs = restored["blobs"] if "blobs" in args else {}
+        for i, (name, length) in enumerate(info["blobs"]):
+            data = np.asarray(got_blobs[f"b{i}"]).tobytes() if length else b""
+            if len(data) != length:
+                raise CheckpointMismatchError(
+                    f"Checkpoint step {step} in {self.directory}: blob {name!r} "
+                    f"has {len(data)} bytes, expected {length}."
+                )
+            blobs_out[name] = data
+
+        return agent_state, replay_out, document["user"], blobs_out
+
+    def _check_match(self, step: int, what: str, saved: dict, expected: dict) -> None:
+        problems = []
+        for path, spec in expected.items():
+            if path not in saved:
+                problems.append(
+                    f"  {_fmt_path(path)}: not in checkpoint "
+                    f"(expected {_fmt_spec(spec)})"
+                )
+            elif saved[path] != spec:
+                problems.append(
+                    f"  {_fmt_path(path)}: saved {_fmt_spec(saved[path])} vs "
+                    f"expected {_fmt_spec(spec)}"
+                )
+        for path, spec in saved.items():
+            if path not in expected:
+                problems.append(
+                    f"  {_fmt_path(path)}: saved {_fmt_spec(spec)} but not in "
+                    "the template"
+                )
+        if problems:
+            listed = problems[:_MAX_LISTED]
+            if len(problems) > _MAX_LISTED:
+                listed.append(f"  ... and {len(problems) - _MAX_LISTED} more")
+            raise CheckpointMismatchError(
+                f"Checkpoint step {step} in {self.directory} does not match the "
+                f"expected {what} ({len(problems)} differing leaves):\n"
+                + "\n".join(listed)
+                + "\n"
+                + _FIX_HINT
+            )
+
+
+def _fill_none(restored: Any, like: Any) -> Any:
+    """``restored`` aligned leaf-for-leaf with ``like``.
+
+    ``restored`` has ``like``'s structure except that zero-size leaves (not
+    written) are None; treating None as a leaf keeps them in place.
+    """
+    return jax.tree.map(
+        lambda _, r: r, like, restored, is_leaf=lambda x: x is None
+    )

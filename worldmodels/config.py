@@ -1,0 +1,139 @@
+"""Frozen dataclass configs, named presets and override helpers.
+
+A preset is a flat dict of dotted paths to values (`{"agent.world_model.units": 256}`); presets apply
+in order on top of the defaults, so `("size12m", "catch")` means the catch run with the 12M model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from worldmodels.agent import AgentConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The training run around the agent (environment, budget, replay, logging, checkpoints)."""
+
+    env: str = "gym:CartPole-v1"  # envs.make name: gym:<id>, bsuite/<id>, ...
+    num_envs: int = 1
+    parallel_envs: bool = False  # environments in subprocesses (gymnasium AsyncVectorEnv)
+    steps: int = 12_000  # environment steps (summed over envs)
+    train_ratio: float = 64.0  # replayed steps per environment step (see loop.py)
+    batch_size: int = 16
+    seq_len: int = 64
+    replay_capacity: int = 1_000_000  # steps, over all envs; allocated up front
+    train_start: int = 1024  # environment steps collected before the first update
+    eval_every: int = 0  # environment steps between greedy evaluations (0: never)
+    eval_episodes: int = 5
+    log_every: int = 1000  # environment steps between metric logs
+    checkpoint_every: int = 10_000  # environment steps between checkpoints (and at exit)
+    seed: int = 0
+    logdir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+
+def _size(deter: int, hidden: int, classes: int, depth: int) -> dict[str, Any]:
+    return {"agent.world_model.sequence.rssm.deter": deter, "agent.world_model.sequence.rssm.hidden": hidden,
+            "agent.world_model.sequence.rssm.classes": classes, "agent.world_model.cnn_depth": depth,
+            "agent.world_model.units": hidden, "agent.actor_critic.units": hidden}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Model sizes of DreamerV3 (2024); stoch is always 32 latents.
+    "size1m": _size(512, 64, 4, 4),
+    "size12m": _size(2048, 256, 16, 16),
+    "size25m": _size(3072, 384, 24, 24),
+    "size50m": _size(4096, 512, 32, 32),
+    "size100m": _size(6144, 768, 48, 48),
+    "size200m": _size(8192, 1024, 64, 64),
+    "size400m": _size(12288, 1536, 96, 96),
+    # A tiny model for tests and smoke runs.
+    "debug": {**_size(64, 32, 4, 2), "agent.world_model.sequence.rssm.stoch": 8, "agent.world_model.layers": 2,
+              "agent.actor_critic.layers": 2, "agent.optim.warmup": 10, "run.batch_size": 4, "run.seq_len": 16,
+              "run.train_start": 64, "run.steps": 512, "run.log_every": 128, "run.checkpoint_every": 256,
+              "run.replay_capacity": 10_000, "run.tensorboard": False, "run.progress": False},
+}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def valid_paths(obj: Any, prefix: str = "") -> list[str]:
+    """Every dotted path to a leaf option of a config dataclass."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{prefix}{f.name}"
+        out.extend(valid_paths(value, path + ".") if dataclasses.is_dataclass(value) else [path])
+    return out
+
+
+def override(config: Any, path: str, value: Any) -> Any:
+    """A copy of `config` with the dotted `path` set to `value`; unknown paths raise KeyError."""
+    head, _, rest = path.partition(".")
+    if head not in _fields(type(config)):
+        raise KeyError(f"unknown config key {path!r} in {type(config).__name__}; valid keys: "
+                       f"{', '.join(valid_paths(config))}")
+    if rest:
+        return dataclasses.replace(config, **{head: override(getattr(config, head), rest, value)})
+    old = getattr(config, head)
+    if dataclasses.is_dataclass(old):
+        raise KeyError(f"{path!r} is a group of options, not one option")
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return dataclasses.replace(config, **{head: value})
+
+
+def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
+    for path, value in overrides.items():
+        config = override(config, path, value)
+    return config
+
+
+def make_config(presets: Sequence[str] = (), overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then each named preset in order, then explicit `overrides` (dotted paths)."""
+    config = Config()
+    for name in presets:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+        config = apply_overrides(config, PRESETS[name])
+    return apply_overrides(config, overrides or {})
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: Mapping[str, Any], cls: type = Config) -> Any:
+    """Inverse of `to_dict` (nested dicts -> nested frozen dataclasses; lists -> tuples)."""
+    kwargs = {}
+    for name, f in _fields(cls).items():
+        if name not in data:
+            continue
+        value = data[name]
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            value = from_dict(value, type(default))
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    unknown = set(data) - set(_fields(cls))
+    if unknown:
+        raise KeyError(f"unknown config keys {sorted(unknown)} for {cls.__name__}")
+    return cls(**kwargs)
+
+
+def dumps(config: Config) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
