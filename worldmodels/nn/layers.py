@@ -119,6 +119,12 @@ class BlockLinear(eqx.Module):
 
     def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
         batch = x.shape[:-1]
-        x = x.reshape(*batch, self.blocks, -1)
-        y = jnp.einsum("...gi,gio->...go", x, self.weight)
-        return y.reshape(*batch, -1) + self.bias
+        return self.grouped(x.reshape(*batch, self.blocks, -1)).reshape(*batch, -1) + self.bias
+
+    def grouped(self, x: Float[Array, "... g i"], rows: slice = slice(None)) -> Float[Array, "... g o"]:
+        """Per-group product with `weight[:, rows]`, no bias. Group-major batched matmul: about
+        twice as fast on CPU as contracting with the group axis in the middle."""
+        batch = x.shape[:-2]
+        xg = jnp.moveaxis(x.reshape(-1, *x.shape[-2:]), 1, 0)
+        y = jnp.einsum("gni,gio->gno", xg, self.weight[:, rows])
+        return jnp.moveaxis(y, 0, 1).reshape(*batch, self.blocks, y.shape[-1])

@@ -91,9 +91,12 @@ class RSSM(SequenceModel):
         action = action / sg(jnp.maximum(1.0, jnp.abs(action)))
         x = jnp.concatenate([self.in_deter(deter), self.in_stoch(stoch.reshape(*batch, -1)),
                              self.in_action(action)], -1)
-        x = jnp.broadcast_to(x[..., None, :], (*batch, g, x.shape[-1]))
-        x = jnp.concatenate([deter.reshape(*batch, g, -1), x], -1).reshape(*batch, -1)
-        x = self.hidden_layer(x).reshape(*batch, g, -1)
+        # Each group's input is [its slice of h, x]. The x rows of every group's weight form one dense
+        # [3 * hidden, deter] matrix, so x is multiplied once instead of broadcast to every group.
+        per_group = c.deter // g
+        w_shared = jnp.moveaxis(self.hidden_layer.weight[:, per_group:], 0, 1).reshape(x.shape[-1], -1)
+        x = (self.hidden_layer.grouped(deter.reshape(*batch, g, per_group), slice(0, per_group))
+             + (x @ w_shared).reshape(*batch, g, per_group) + self.hidden_layer.bias.reshape(g, per_group))
         x = jax.nn.silu(self.hidden_norm(x)).reshape(*batch, -1)
         reset, cand, update = jnp.split(self.gates(x).reshape(*batch, g, 3, -1), 3, axis=-2)
         reset = jax.nn.sigmoid(reset.reshape(*batch, -1))

@@ -1,0 +1,58 @@
+"""Train a DreamerV3-style agent: `python -m experiments.train [--preset NAME ...] [--env NAME] [--run.x V ...]`.
+
+Presets apply in order on top of the defaults, then explicit options override them. The resolved
+config is printed and saved as `<logdir>/config.json`; starting again in the same logdir resumes.
+Examples:
+    python -m experiments.train                                   # CartPole, size1m, ~10 minutes on CPU
+    python -m experiments.train --env bsuite/catch/0 --preset catch
+    python -m experiments.train --env gym:Pendulum-v1 --run.steps 50000 --run.logdir runs/pendulum
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Hide the accelerator probe warnings on CPU-only machines, and MuJoCo must know its renderer first.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import tyro  # noqa: E402
+
+import envs  # noqa: E402
+from experiments.presets import register as register_presets  # noqa: E402
+from worldmodels import loop  # noqa: E402
+from worldmodels.config import PRESETS, Config, dumps, make_config, override  # noqa: E402
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    register_presets()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", nargs="+", default=[])
+    pre.add_argument("--env", default=None)
+    known, rest = pre.parse_known_args(argv)
+    unknown = [p for p in known.preset if p not in PRESETS]
+    if unknown:
+        raise SystemExit(f"error: unknown preset(s) {', '.join(map(repr, unknown))}; valid presets: "
+                         f"{', '.join(sorted(PRESETS))}")
+    base = make_config(known.preset)
+    if known.env is not None:
+        base = override(base, "run.env", known.env)
+    description = (f"{__doc__}\nPresets (--preset NAME [NAME ...]): {', '.join(sorted(PRESETS))}.\n"
+                   "--env NAME is short for --run.env NAME.")
+    return tyro.cli(Config, default=base, args=rest, description=description)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = parse(argv)
+    print(dumps(config))
+    summary = loop.run(config, lambda seed: envs.make(config.run.env, seed=seed))
+    summary.pop("state", None)
+    print("summary:", summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

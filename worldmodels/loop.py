@@ -1,0 +1,310 @@
+"""The host training loop around a gymnasium vector env.
+
+train_ratio is the number of REPLAYED steps per ENVIRONMENT step. One update replays
+`batch_size * seq_len` steps, so the loop makes `train_ratio / (batch_size * seq_len)` updates per
+environment step. Example: batch 16 x 64 = 1024 replayed steps per update; with train_ratio 64 that
+is one update every 16 environment steps (counting every env of a vector env), and with 4 envs one
+update every 4 vector steps.
+
+The step convention (see `WorldModel.loss`): step t stores o_t, the action a_{t-1} that led to it
+(zero at is_first), r_t, is_first, is_last and is_terminal. The vector env runs in gymnasium's
+NEXT_STEP autoreset mode, so an episode's last observation is stored as its own step and the next
+vector step returns the reset observation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import signal
+import time
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from worldmodels import agent as agent_lib
+from worldmodels import spaces
+from worldmodels.checkpoint import Checkpointer
+from worldmodels.config import Config, dumps, from_dict, to_dict
+from worldmodels.logging import RunLogger
+from worldmodels.replay import ReplayBuffer
+
+EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
+
+
+class ConfigMismatchError(ValueError):
+    pass
+
+
+def _make_vector_env(env_fn: EnvFn, config: Config) -> gym.vector.VectorEnv:
+    fns = [lambda i=i: env_fn(config.run.seed + i) for i in range(config.run.num_envs)]
+    mode = gym.vector.AutoresetMode.NEXT_STEP
+    if config.run.parallel_envs:
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+
+
+def _check_resumable(logdir: Path, config: Config) -> None:
+    """A run directory belongs to one agent and env: refuse to resume it with another."""
+    path = logdir / "config.json"
+    if not path.exists():
+        return
+    saved = from_dict(json.loads(path.read_text()))
+    problems = []
+    if saved.agent != config.agent:
+        problems.append("the agent config differs")
+    for name in ("env", "num_envs", "replay_capacity"):
+        if getattr(saved.run, name) != getattr(config.run, name):
+            problems.append(f"run.{name} is {getattr(config.run, name)!r}, was {getattr(saved.run, name)!r}")
+    if problems:
+        raise ConfigMismatchError(
+            f"{logdir} holds a run with another config ({'; '.join(problems)}). Resume it with the config in "
+            f"{path} (only run.steps and logging options may change), or pass a new --run.logdir.")
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to stop at the next step boundary (and checkpoint); a second one
+    interrupts at once (the last checkpoint stays usable)."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nstopping at the next step boundary and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _env_state(envs: gym.vector.SyncVectorEnv) -> dict[str, Any]:
+    """What resuming a SyncVectorEnv exactly needs: its envs and which of them reset on the next step."""
+    return {"envs": envs.envs, "autoreset": np.array(envs._autoreset_envs)}
+
+
+def _set_env_state(envs: gym.vector.SyncVectorEnv, saved: dict[str, Any]) -> None:
+    for env in envs.envs:
+        env.close()
+    envs.envs = saved["envs"]
+    envs._autoreset_envs = saved["autoreset"]
+
+
+def evaluate(state: agent_lib.AgentState, env: gym.Env, episodes: int, key: jax.Array,
+             max_steps: int = 100_000) -> list[tuple[float, int]]:
+    """Greedy episodes on a single env: [(return, length)]."""
+    space = env.observation_space
+    results = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        carry = agent_lib.initial_carry(state, 1)
+        is_first, total, length = True, 0.0, 0
+        while length < max_steps:
+            key, k = jax.random.split(key)
+            batch = spaces.batch_obs(space, jax.tree.map(lambda x: np.asarray(x)[None], obs), 1)
+            action, carry = agent_lib.policy(state, carry, {**batch, "is_first": np.array([is_first])}, k, True)
+            obs, reward, terminated, truncated, _ = env.step(spaces.env_actions(env.action_space, action)[0])
+            total += float(reward)
+            length += 1
+            is_first = False
+            if terminated or truncated:
+                break
+        results.append((total, length))
+    return results
+
+
+def run(config: Config, env_fn: EnvFn) -> dict[str, Any]:
+    """Train (or resume) the run in `config.run.logdir` until `config.run.steps` environment steps.
+
+    **Returns:** a summary: env steps, updates, the returns of the last episodes, wall time.
+    """
+    rc = config.run
+    logdir = Path(rc.logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(logdir, config)
+    (logdir / "config.json").write_text(dumps(config))
+
+    envs = _make_vector_env(env_fn, config)
+    obs_space, act_space = envs.single_observation_space, envs.single_action_space
+    obs_spec = spaces.obs_spec(obs_space)
+    act_spec = spaces.action_spec(act_space)
+    n = rc.num_envs
+    state = agent_lib.init(config.agent, obs_spec, act_spec, jax.random.PRNGKey(rc.seed))
+    print(f"agent: {agent_lib.count_params(state.params):,} parameters; observations {obs_spec}; actions {act_spec}")
+    replay = ReplayBuffer(spaces.step_spec(obs_space, act_spec), rc.replay_capacity, n)
+    print(replay.describe())
+
+    key = jax.random.PRNGKey(rc.seed + 1)
+    rng = np.random.default_rng(rc.seed)
+    carry = agent_lib.initial_carry(state, n)
+    counters = {"env_steps": 0, "updates": 0, "episodes": 0, "train_credit": 0.0, "last_log": 0,
+                "last_eval": 0, "last_checkpoint": 0}
+    pending: dict[str, np.ndarray] = {}  # the step observed but not yet stored
+    episode_return, episode_length = np.zeros(n), np.zeros(n, np.int64)
+
+    ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
+    resumed = ckpt.latest_step() is not None
+    if resumed:
+        agent_template = {"agent": state, "carry": carry, "key": key}
+        replay_template = {**replay.state_dict(), "loop/episode_return": episode_return,
+                           "loop/episode_length": episode_length}
+        restored, replay_state, meta, blobs = ckpt.restore(agent_template, None)
+        pending_keys = meta["pending_keys"]
+        replay_template.update({f"pending/{k}": np.zeros(tuple(s), d) for k, (s, d) in pending_keys.items()})
+        restored, replay_state, meta, blobs = ckpt.restore(agent_template, replay_template)
+        state, carry, key = restored["agent"], restored["carry"], restored["key"]
+        replay.load_state_dict({k: v for k, v in replay_state.items() if k.startswith(("data/", "counter/"))})
+        pending = {k[len("pending/"):]: v for k, v in replay_state.items() if k.startswith("pending/")}
+        episode_return, episode_length = replay_state["loop/episode_return"], replay_state["loop/episode_length"]
+        counters = meta["counters"]
+        rng.bit_generator.state = meta["rng"]
+        if "envs" in blobs and not rc.parallel_envs:
+            _set_env_state(envs, pickle.loads(blobs["envs"]))
+        else:
+            warnings.warn("environment state was not saved with the checkpoint (not picklable): the envs "
+                          "restart with new episodes")
+            pending = {}
+        print(f"resumed from {logdir} at env step {counters['env_steps']} ({counters['updates']} updates)")
+
+    if not pending:
+        obs, _ = envs.reset(seed=rc.seed + 7919 * counters["env_steps"])
+        pending = {**spaces.batch_obs(obs_space, obs, n), "reward": np.zeros(n, np.float32),
+                   "is_first": np.ones(n, bool), "is_last": np.zeros(n, bool), "is_terminal": np.zeros(n, bool),
+                   "action": np.zeros((n, act_spec.dim), np.float32)}
+        episode_return[:], episode_length[:] = 0.0, 0
+        carry = agent_lib.initial_carry(state, n)
+
+    logger = RunLogger(logdir, rc.tensorboard)
+    eval_env = env_fn(rc.seed + 100_000) if rc.eval_every else None
+    replayed_per_update = rc.batch_size * rc.seq_len
+    recent = deque(maxlen=100)
+    pending_metrics: list[dict] = []
+    start_time, start_steps, start_updates = time.time(), counters["env_steps"], counters["updates"]
+
+    def checkpoint(wait: bool = False) -> None:
+        blobs = {}
+        if not rc.parallel_envs:
+            try:
+                blobs["envs"] = pickle.dumps(_env_state(envs))
+            except Exception as e:  # MuJoCo handles and similar: resume will restart episodes
+                warnings.warn(f"could not pickle the environments ({e}); a resume restarts their episodes")
+        replay_state = {**replay.state_dict(), **{f"pending/{k}": v for k, v in pending.items()},
+                        "loop/episode_return": episode_return, "loop/episode_length": episode_length}
+        meta = {"counters": counters, "rng": rng.bit_generator.state,
+                "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in pending.items()},
+                "config": to_dict(config)}
+        ckpt.save(counters["env_steps"], {"agent": state, "carry": carry, "key": key}, replay_state, meta,
+                  blobs, wait=wait)
+        counters["last_checkpoint"] = counters["env_steps"]
+
+    progress = None
+    if rc.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=rc.steps, initial=counters["env_steps"], unit="step", dynamic_ncols=True)
+
+    clean_exit = False
+    try:
+        with _StopFlag() as flag:
+            while counters["env_steps"] < rc.steps and not flag.stop:
+                # 1. store the pending step, act on it, step the envs
+                replay.add(pending)
+                key, k_act = jax.random.split(key)
+                obs_in = {k: v for k, v in pending.items() if k not in ("action", "reward", "is_last", "is_terminal")}
+                action, carry = agent_lib.policy(state, carry, obs_in, k_act)
+                action = np.asarray(action)
+                done = pending["is_last"]
+                obs, reward, terminated, truncated, _ = envs.step(spaces.env_actions(act_space, action))
+                # envs that had finished were reset by this step (NEXT_STEP autoreset)
+                is_last = (terminated | truncated) & ~done
+                pending = {**spaces.batch_obs(obs_space, obs, n), "reward": np.asarray(reward, np.float32),
+                           "is_first": done.copy(), "is_last": is_last, "is_terminal": terminated & ~done,
+                           "action": np.where(done[:, None], 0.0, action).astype(np.float32)}
+                episode_return = np.where(done, 0.0, episode_return + pending["reward"])
+                episode_length = np.where(done, 0, episode_length + 1)
+                counters["env_steps"] += n
+                for i in np.flatnonzero(is_last):
+                    counters["episodes"] += 1
+                    recent.append(float(episode_return[i]))
+                    logger.score(counters["env_steps"], "train", episode_return[i], episode_length[i])
+
+                # 2. train: train_ratio replayed steps per env step
+                if counters["env_steps"] >= rc.train_start and replay.can_sample(rc.seq_len):
+                    counters["train_credit"] += n * rc.train_ratio / replayed_per_update
+                    while counters["train_credit"] >= 1.0:
+                        batch = replay.sample(rc.batch_size, rc.seq_len, rng)
+                        key, k_train = jax.random.split(key)
+                        state, metrics = agent_lib.train(state, batch, k_train)
+                        pending_metrics.append(metrics)
+                        counters["updates"] += 1
+                        counters["train_credit"] -= 1.0
+
+                # 3. log, evaluate, checkpoint
+                steps = counters["env_steps"]
+                if steps - counters["last_log"] >= rc.log_every:
+                    counters["last_log"] = steps
+                    elapsed = max(time.time() - start_time, 1e-9)
+                    values = {"env_steps_per_s": (steps - start_steps) / elapsed,
+                              "updates_per_s": (counters["updates"] - start_updates) / elapsed,
+                              "updates": counters["updates"], "episodes": counters["episodes"]}
+                    if recent:
+                        values["train/return_recent"] = float(np.mean(recent))
+                    if pending_metrics:
+                        stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending_metrics))
+                        values.update({k: float(np.mean(v)) for k, v in stacked.items()})
+                        pending_metrics = []
+                    logger.metrics(steps, values)
+                    if progress is not None:
+                        progress.set_postfix({"env/s": f"{values['env_steps_per_s']:.0f}",
+                                              "upd/s": f"{values['updates_per_s']:.2f}",
+                                              "return": f"{values.get('train/return_recent', float('nan')):.1f}"})
+                if eval_env is not None and steps - counters["last_eval"] >= rc.eval_every:
+                    counters["last_eval"] = steps
+                    key, k_eval = jax.random.split(key)
+                    results = evaluate(state, eval_env, rc.eval_episodes, k_eval)
+                    for ret, length in results:
+                        logger.score(steps, "eval", ret, length)
+                if rc.checkpoint_every and steps - counters["last_checkpoint"] >= rc.checkpoint_every:
+                    checkpoint()
+                if progress is not None:
+                    progress.update(n)
+        clean_exit = True
+    finally:
+        # Only a loop that stopped at a step boundary is consistent enough to save; after a crash the
+        # previous checkpoint stays the one to resume from.
+        if clean_exit:
+            checkpoint(wait=True)
+        ckpt.close()
+        logger.close()
+        if progress is not None:
+            progress.close()
+        envs.close()
+        if eval_env is not None:
+            eval_env.close()
+
+    elapsed = time.time() - start_time
+    return {"env_steps": counters["env_steps"], "updates": counters["updates"], "episodes": counters["episodes"],
+            "recent_return": float(np.mean(recent)) if recent else None, "seconds": elapsed,
+            "state": state}
+
+
+def config_replace(config: Config, **run_fields: Any) -> Config:
+    """`config` with some `run` fields replaced (convenience for scripts and tests)."""
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, **run_fields))

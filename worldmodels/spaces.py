@@ -1,0 +1,77 @@
+"""gymnasium spaces <-> the agent's observation dict and action vectors."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import gymnasium as gym
+import numpy as np
+
+from worldmodels.agent import ActionSpec
+
+SUPPORTED = "Box (vectors of any shape, or uint8 [H, W, C] images), Discrete, MultiBinary, or a Dict of those"
+
+
+def _leaf_spec(name: str, space: gym.Space) -> tuple[tuple[int, ...], str]:
+    if isinstance(space, gym.spaces.Box):
+        if len(space.shape) == 3 and space.dtype == np.uint8:
+            return tuple(space.shape), "uint8"
+        return (int(np.prod(space.shape)),), "float32"
+    if isinstance(space, gym.spaces.Discrete):
+        return (int(space.n),), "float32"
+    if isinstance(space, gym.spaces.MultiBinary):
+        return (int(np.prod(space.shape)),), "float32"
+    raise TypeError(f"unsupported observation space {space!r} for key {name!r}; supported: {SUPPORTED}. "
+                    "Wrap the env with a gymnasium ObservationWrapper that maps it to one of these.")
+
+
+def obs_spec(space: gym.Space) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The agent's observation spec (key -> (shape, dtype)) for a single env's observation space.
+
+    A Dict space keeps its keys; any other space becomes `image` (uint8 HxWxC) or `vector`.
+    """
+    if isinstance(space, gym.spaces.Dict):
+        return {k: _leaf_spec(k, s) for k, s in space.spaces.items()}
+    spec = _leaf_spec("observation", space)
+    return {("image" if len(spec[0]) == 3 else "vector"): spec}
+
+
+def _convert(space: gym.Space, value: Any, batch: int) -> np.ndarray:
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.dtype == np.uint8:
+        return np.asarray(value, np.uint8)
+    if isinstance(space, gym.spaces.Discrete):
+        return np.eye(space.n, dtype=np.float32)[np.asarray(value, np.int64).reshape(batch) - space.start]
+    return np.asarray(value, np.float32).reshape(batch, -1)
+
+
+def batch_obs(space: gym.Space, obs: Any, batch: int) -> dict[str, np.ndarray]:
+    """A vector env's batched observation -> the agent's dict of `[batch, ...]` arrays."""
+    if isinstance(space, gym.spaces.Dict):
+        return {k: _convert(s, obs[k], batch) for k, s in space.spaces.items()}
+    (key,) = obs_spec(space)
+    return {key: _convert(space, obs, batch)}
+
+
+def action_spec(space: gym.Space) -> ActionSpec:
+    if isinstance(space, gym.spaces.Discrete):
+        return ActionSpec(int(space.n), True)
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+            raise TypeError(f"continuous action space {space!r} needs finite bounds (the actor outputs [-1, 1])")
+        return ActionSpec(int(space.shape[0]), False)
+    raise TypeError(f"unsupported action space {space!r}; supported: Discrete, or a 1-D Box with finite bounds")
+
+
+def env_actions(space: gym.Space, actions: np.ndarray) -> np.ndarray:
+    """Agent actions `[N, A]` (one-hot, or in [-1, 1]) -> what the vector env's `step` takes."""
+    actions = np.asarray(actions)
+    if isinstance(space, gym.spaces.Discrete):
+        return actions.argmax(-1).astype(np.int64) + space.start
+    low, high = space.low.astype(np.float32), space.high.astype(np.float32)
+    return (low + (actions + 1.0) * 0.5 * (high - low)).astype(space.dtype)
+
+
+def step_spec(space: gym.Space, action: ActionSpec) -> Mapping[str, tuple[tuple[int, ...], str]]:
+    """Everything one stored step holds: observations, the action into the step, reward and flags."""
+    return {**obs_spec(space), "action": ((action.dim,), "float32"), "reward": ((), "float32"),
+            "is_first": ((), "bool"), "is_last": ((), "bool"), "is_terminal": ((), "bool")}
