@@ -1,0 +1,120 @@
+"""The agent's compiled functions: policy carry, no retracing, learning on a fixed batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from worldmodels import agent as agent_lib
+from worldmodels.config import make_config
+
+OBS_SPEC = {"vector": ((3,), "float32")}
+
+
+def tiny_agent(discrete=True, seed=0, obs_spec=OBS_SPEC):
+    config = make_config(["debug"]).agent
+    return agent_lib.init(config, obs_spec, agent_lib.ActionSpec(2, discrete), jax.random.PRNGKey(seed))
+
+
+def fixed_batch(b=4, t=16, seed=0):
+    rng = np.random.default_rng(seed)
+    # A learnable signal: the observation follows a sine whose phase the reward tracks.
+    phase = rng.uniform(0, 2 * np.pi, (b, 1))
+    steps = np.arange(t)[None]
+    vec = np.stack([np.sin(phase + 0.3 * steps), np.cos(phase + 0.3 * steps), np.ones((b, t))], -1)
+    is_first = np.zeros((b, t), bool)
+    is_first[:, 0] = True
+    is_first[0, t // 2] = True  # an episode boundary inside the window
+    return {"vector": vec.astype(np.float32),
+            "action": np.eye(2, dtype=np.float32)[rng.integers(0, 2, (b, t))] * ~is_first[..., None],
+            "reward": np.sin(phase + 0.3 * steps).astype(np.float32), "is_first": is_first,
+            "is_last": np.zeros((b, t), bool), "is_terminal": np.zeros((b, t), bool)}
+
+
+def test_train_keeps_losses_finite_and_lowers_world_model_loss():
+    state = tiny_agent()
+    batch = fixed_batch()
+    losses = []
+    for i in range(60):
+        state, metrics = agent_lib.train(state, batch, jax.random.PRNGKey(i))
+        metrics = jax.device_get(metrics)
+        assert all(np.isfinite(v) for v in metrics.values()), metrics
+        losses.append(float(metrics["loss/world_model"]))
+    assert int(state.step) == 60
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_train_and_policy_compile_once():
+    state = tiny_agent(seed=1)
+    batch = fixed_batch()
+    before = dict(agent_lib.TRACE_COUNTS)
+    for i in range(4):
+        state, _ = agent_lib.train(state, fixed_batch(seed=i), jax.random.PRNGKey(i))
+    assert agent_lib.TRACE_COUNTS["train"] - before.get("train", 0) <= 1
+    carry = agent_lib.initial_carry(state, 3)
+    before = dict(agent_lib.TRACE_COUNTS)
+    for i in range(5):
+        obs = {"vector": np.full((3, 3), i, np.float32), "is_first": np.array([i == 0, False, i % 2 == 0])}
+        action, carry = agent_lib.policy(state, carry, obs, jax.random.PRNGKey(i))
+        assert action.shape == (3, 2)
+        np.testing.assert_array_equal(np.asarray(action).sum(-1), 1.0)  # exact one-hot
+    assert agent_lib.TRACE_COUNTS["policy"] - before.get("policy", 0) <= 1
+    del batch
+
+
+def test_train_does_not_retrace_after_first_call_from_fresh_function():
+    # A new agent with the same config and shapes reuses the compiled train step.
+    state = tiny_agent(seed=2)
+    state, _ = agent_lib.train(state, fixed_batch(), jax.random.PRNGKey(0))
+    before = agent_lib.TRACE_COUNTS["train"]
+    other = tiny_agent(seed=3)
+    other, _ = agent_lib.train(other, fixed_batch(seed=5), jax.random.PRNGKey(1))
+    assert agent_lib.TRACE_COUNTS["train"] == before
+
+
+def test_policy_carry_resets_at_is_first():
+    state = tiny_agent(seed=4)
+    obs = lambda v, first: {"vector": np.full((2, 3), v, np.float32), "is_first": np.array(first)}
+    key = jax.random.PRNGKey(7)
+    # Env 0 runs a history, then starts a new episode; env 1 starts fresh at the same moment.
+    carry = agent_lib.initial_carry(state, 2)
+    for i, v in enumerate([0.5, -1.0, 2.0]):
+        _, carry = agent_lib.policy(state, carry, obs(v, [i == 0, i == 0]), jax.random.PRNGKey(i))
+    _, after_reset = agent_lib.policy(state, carry, obs(0.7, [True, True]), key)
+    fresh = agent_lib.initial_carry(state, 2)
+    _, from_fresh = agent_lib.policy(state, fresh, obs(0.7, [True, True]), key)
+    for a, b in zip(jax.tree.leaves(after_reset), jax.tree.leaves(from_fresh)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Without is_first the history matters: the state differs from the fresh one.
+    _, continued = agent_lib.policy(state, carry, obs(0.7, [False, False]), key)
+    assert not np.allclose(np.asarray(continued.latent.deter), np.asarray(from_fresh.latent.deter))
+
+
+def test_continuous_actions_are_bounded():
+    state = tiny_agent(discrete=False, seed=5)
+    carry = agent_lib.initial_carry(state, 4)
+    obs = {"vector": np.zeros((4, 3), np.float32), "is_first": np.ones(4, bool)}
+    for greedy in (False, True):
+        action, _ = agent_lib.policy(state, carry, obs, jax.random.PRNGKey(0), greedy)
+        assert action.shape == (4, 2) and np.all(np.abs(np.asarray(action)) <= 1.0)
+
+
+def test_image_observations_train():
+    spec = {"image": ((16, 16, 3), "uint8"), "vector": ((3,), "float32")}
+    state = tiny_agent(obs_spec=spec, seed=6)
+    batch = fixed_batch()
+    batch["image"] = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 16, 3), dtype=np.uint8)
+    state, metrics = agent_lib.train(state, batch, jax.random.PRNGKey(0))
+    assert np.isfinite(float(metrics["loss/rec_image"]))
+
+
+def test_first_predictions_are_exactly_zero():
+    state = tiny_agent(seed=7)
+    feat = jnp.ones((5, state.world_model.dynamics.feature_dim))
+    assert np.all(np.asarray(state.world_model.reward(feat).mean()) == 0.0)
+    assert np.all(np.asarray(state.critic(feat).mean()) == 0.0)
+
+
+def test_unsupported_image_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="power of two"):
+        tiny_agent(obs_spec={"image": ((12, 12, 3), "uint8")})

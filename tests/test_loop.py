@@ -1,0 +1,91 @@
+"""The host loop end to end: a short run, checkpoint/resume equality, config and CLI errors."""
+
+import json
+
+import gymnasium as gym
+import jax
+import numpy as np
+import pytest
+
+import envs
+from experiments import train as train_cli
+from worldmodels import loop, spaces
+from worldmodels.config import make_config
+
+
+def cartpole(seed):
+    return envs.make("gym:CartPole-v1", seed=seed)
+
+
+def debug_config(logdir, steps, **run):
+    config = make_config(["debug"], {"run.logdir": str(logdir), "run.steps": steps})
+    return loop.config_replace(config, **run)
+
+
+def leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight = loop.run(debug_config(tmp_path / "a", 320), cartpole)
+    first = loop.run(debug_config(tmp_path / "b", 160), cartpole)
+    assert first["env_steps"] == 160
+    resumed = loop.run(debug_config(tmp_path / "b", 320), cartpole)
+    assert resumed["env_steps"] == straight["env_steps"] == 320
+    assert resumed["updates"] == straight["updates"] > 0
+    assert leaves_equal(straight["state"], resumed["state"])
+    scores = lambda d: [(r["env_step"], r["return"]) for r in map(json.loads, (d / "scores.jsonl").open())]
+    assert scores(tmp_path / "a") == scores(tmp_path / "b") and len(scores(tmp_path / "a")) > 3
+
+
+def test_run_writes_logs_and_checkpoints(tmp_path):
+    config = debug_config(tmp_path, 300, num_envs=2, eval_every=200, eval_episodes=1, log_every=100)
+    summary = loop.run(config, cartpole)
+    assert summary["env_steps"] == 300 and summary["updates"] > 0
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert metrics and all(np.isfinite(m["loss/world_model"]) for m in metrics if "loss/world_model" in m)
+    modes = {json.loads(line)["mode"] for line in (tmp_path / "scores.jsonl").open()}
+    assert modes == {"train", "eval"}
+    assert json.loads((tmp_path / "config.json").read_text())["run"]["num_envs"] == 2
+    assert any((tmp_path / "checkpoints").iterdir())
+
+
+def test_resuming_with_another_agent_config_is_refused(tmp_path):
+    loop.run(debug_config(tmp_path, 70), cartpole)
+    other = make_config(["debug"], {"run.logdir": str(tmp_path), "run.steps": 100,
+                                    "agent.world_model.units": 48})
+    with pytest.raises(loop.ConfigMismatchError, match="another config"):
+        loop.run(other, cartpole)
+
+
+def test_cli_rejects_unknown_preset_and_key(capsys):
+    with pytest.raises(SystemExit, match="valid presets: .*size12m"):
+        train_cli.parse(["--preset", "size13m"])
+    with pytest.raises(SystemExit):
+        train_cli.parse(["--run.stepz", "5"])
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_cli_resolves_presets_env_and_overrides():
+    config = train_cli.parse(["--preset", "size12m", "--env", "bsuite/catch/0", "--run.steps", "123"])
+    assert config.agent.world_model.sequence.rssm.deter == 2048
+    assert config.run.env == "bsuite/catch/0" and config.run.steps == 123
+
+
+def test_spaces_dict_discrete_and_errors():
+    space = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (8, 8, 3), np.uint8),
+                             "pos": gym.spaces.Box(-1, 1, (2, 2)), "id": gym.spaces.Discrete(3)})
+    assert spaces.obs_spec(space) == {"image": ((8, 8, 3), "uint8"), "pos": ((4,), "float32"),
+                                      "id": ((3,), "float32")}
+    batch = spaces.batch_obs(space, {"image": np.zeros((2, 8, 8, 3), np.uint8), "pos": np.ones((2, 2, 2)),
+                                     "id": np.array([0, 2])}, 2)
+    np.testing.assert_array_equal(batch["id"], [[1, 0, 0], [0, 0, 1]])
+    with pytest.raises(TypeError, match="unsupported observation space"):
+        spaces.obs_spec(gym.spaces.Text(5))
+    with pytest.raises(TypeError, match="unsupported action space"):
+        spaces.action_spec(gym.spaces.MultiDiscrete([2, 3]))
+    box = gym.spaces.Box(np.array([0.0, -2.0]), np.array([1.0, 2.0]))
+    np.testing.assert_allclose(spaces.env_actions(box, np.array([[-1.0, 1.0], [0.0, 0.0]])),
+                               [[0.0, 2.0], [0.5, 0.0]])
