@@ -1,0 +1,113 @@
+"""Speed benchmark (not a test): compile time and median time per train / policy step.
+
+    python -m experiments.bench                      # the full table
+    python -m experiments.bench --cases size1m       # one row
+
+Rows: train step at batch 16 x 64 for size1m and size12m with vector observations and size12m with
+64x64 images (start-up = agent init + first call, i.e. compile; then the median of `--repeats`
+steps), policy step for 1 and 16 envs, and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from worldmodels import agent as agent_lib  # noqa: E402
+from worldmodels.config import make_config  # noqa: E402
+
+VECTOR = {"vector": ((16,), "float32")}
+IMAGE = {"image": ((64, 64, 3), "uint8")}
+CASES = {"size1m": ("size1m", VECTOR), "size12m": ("size12m", VECTOR), "size12m-image": ("size12m", IMAGE)}
+
+
+def random_batch(spec, action_dim: int, b: int, t: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for k, (shape, dtype) in spec.items():
+        if dtype == "uint8":
+            batch[k] = rng.integers(0, 256, (b, t, *shape), dtype=np.uint8)
+        else:
+            batch[k] = rng.normal(size=(b, t, *shape)).astype(np.float32)
+    is_first = rng.random((b, t)) < 0.02
+    is_first[:, 0] = True
+    batch.update({"action": np.eye(action_dim, dtype=np.float32)[rng.integers(0, action_dim, (b, t))],
+                  "reward": rng.normal(size=(b, t)).astype(np.float32), "is_first": is_first,
+                  "is_last": np.zeros((b, t), bool), "is_terminal": np.zeros((b, t), bool)})
+    return batch
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_train(preset: str, spec, b: int, t: int, repeats: int) -> dict:
+    config = make_config([preset]).agent
+    start = time.perf_counter()
+    state = agent_lib.init(config, spec, agent_lib.ActionSpec(6, True), jax.random.PRNGKey(0))
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
+    batches = [random_batch(spec, 6, b, t, seed=i) for i in range(2)]
+    start = time.perf_counter()
+    state, metrics = agent_lib.train(state, batches[0], jax.random.PRNGKey(0))
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        state, metrics = agent_lib.train(state, batches[i % 2], jax.random.PRNGKey(i + 1))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return {"params": agent_lib.count_params(state.params), "init_s": init_s, "compile_s": compile_s,
+            "median_ms": 1000 * float(np.median(times)), "state": state}
+
+
+def bench_policy(state, spec, envs: int, repeats: int) -> tuple[float, float]:
+    carry = agent_lib.initial_carry(state, envs)
+    obs = {k: v[:, 0] for k, v in random_batch(spec, 6, envs, 1).items() if k in spec}
+    obs["is_first"] = np.zeros(envs, bool)
+    start = time.perf_counter()
+    action, carry = agent_lib.policy(state, carry, obs, jax.random.PRNGKey(0))
+    np.asarray(action)
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        action, carry = agent_lib.policy(state, carry, obs, jax.random.PRNGKey(i))
+        np.asarray(action)  # the host loop needs the action back on the host every step
+        times.append(time.perf_counter() - start)
+    return compile_s, 1000 * float(np.median(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch} x {args.seq}; float32")
+    print(f"{'case':<15}{'params':>12}{'init s':>9}{'compile s':>11}{'start-up s':>12}{'ms/step':>10}")
+    first_state = None
+    for name in args.cases:
+        preset, spec = CASES[name]
+        r = bench_train(preset, spec, args.batch, args.seq, args.repeats)
+        print(f"{name:<15}{r['params']:>12,}{r['init_s']:>9.2f}{r['compile_s']:>11.2f}"
+              f"{r['init_s'] + r['compile_s']:>12.2f}{r['median_ms']:>10.1f}", flush=True)
+        if first_state is None:
+            first_state, first_spec, first_name = r["state"], spec, name
+    for envs in (1, 16):
+        compile_s, ms = bench_policy(first_state, first_spec, envs, 200)
+        print(f"policy step ({first_name}, {envs:>2} envs): compile {compile_s:.2f} s, median {ms:.2f} ms")
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
