@@ -36,10 +36,16 @@ def inputs():
     return embed, action, jnp.asarray(is_first)
 
 
+OBS_STEP = jax.jit(lambda m, *args: m.obs_step(*args))
+OBSERVE = jax.jit(lambda m, *args: m.observe(*args))
+IMG_STEP = jax.jit(lambda m, *args: m.img_step(*args))
+
+
 def loop_obs_step(model, state, embed, action, is_first, keys):
+    """A python loop of (jitted, one step at a time) `obs_step` calls with the given per-step keys."""
     posts, priors = [], []
     for t in range(embed.shape[1]):
-        post, prior = model.obs_step(state, embed[:, t], action[:, t], is_first[:, t], keys[t])
+        post, prior = OBS_STEP(model, state, embed[:, t], action[:, t], is_first[:, t], keys[t])
         posts.append(post)
         priors.append(prior)
         state = post
@@ -170,7 +176,7 @@ def test_img_step_shapes_and_samples(model):
     state = model.initial(B)
     action = jnp.ones((B, ACT))
     for i in range(3):
-        state = model.img_step(state, action, jax.random.PRNGKey(i))
+        state = IMG_STEP(model, state, action, jax.random.PRNGKey(i))
     assert state.deter.shape == (B, 16)
     assert state.stoch.shape == (B, 4, 3) and state.logits.shape == (B, 4, 3)
     stoch = np.asarray(state.stoch)
@@ -187,7 +193,7 @@ def test_obs_step_matches_numpy_reference(model):
     embed = jax.random.normal(k[2], (B, EMBED))
     action = jnp.array([[3.0, -0.5], [0.2, -4.0], [0.0, 1.0]])
     state = RSSMState(deter, stoch, jnp.zeros((B, 4, 3)))
-    post, prior = model.obs_step(state, embed, action, jnp.zeros(B, bool), jax.random.PRNGKey(9))
+    post, prior = OBS_STEP(model, state, embed, action, jnp.zeros(B, bool), jax.random.PRNGKey(9))
     h, prior_logits, post_logits = np_step(model, np_(deter), np_(stoch), np_(embed), np_(action))
     np.testing.assert_allclose(post.deter, h, atol=1e-5)
     np.testing.assert_allclose(prior.deter, h, atol=1e-5)
@@ -204,7 +210,7 @@ def test_obs_step_reset_matches_numpy_from_zeros(model):
                       jnp.zeros((B, 4, 3)))
     embed = jax.random.normal(k[1], (B, EMBED))
     action = jax.random.normal(k[2], (B, ACT))
-    post, prior = model.obs_step(state, embed, action, jnp.ones(B, bool), jax.random.PRNGKey(0))
+    post, prior = OBS_STEP(model, state, embed, action, jnp.ones(B, bool), jax.random.PRNGKey(0))
     h, prior_logits, post_logits = np_step(model, np.zeros((B, 16)), np.zeros((B, 4, 3)), np_(embed),
                                            np.zeros((B, ACT)))
     np.testing.assert_allclose(post.deter, h, atol=1e-5)
@@ -220,7 +226,7 @@ def test_img_step_equals_obs_step_prior(model):
     action = jax.random.normal(k[1], (B, ACT))
     _, prior = model.obs_step(state, jax.random.normal(k[2], (B, EMBED)), action, jnp.zeros(B, bool),
                               jax.random.PRNGKey(0))
-    img = model.img_step(state, action, jax.random.PRNGKey(1))
+    img = IMG_STEP(model, state, action, jax.random.PRNGKey(1))
     np.testing.assert_allclose(img.deter, prior.deter, atol=1e-6)
     np.testing.assert_allclose(img.logits, prior.logits, atol=1e-6)
 
@@ -235,7 +241,7 @@ def test_observe_equals_obs_step_loop(model, inputs):
     lpost, lprior = loop_obs_step(model, model.initial(B), embed, action, is_first, jax.random.split(key, T))
     assert_state_close(post, lpost)
     assert_state_close(prior, lprior)
-    jpost, jprior = jax.jit(lambda m, *a: m.observe(*a))(model, model.initial(B), embed, action, is_first, key)
+    jpost, jprior = OBSERVE(model, model.initial(B), embed, action, is_first, key)
     assert_state_close(jpost, lpost)
     assert_state_close(jprior, lprior)
 
@@ -243,7 +249,7 @@ def test_observe_equals_obs_step_loop(model, inputs):
 def test_observe_matches_numpy_unroll(model, inputs):
     """Deter and logits over the whole sequence, stepping the numpy reference with observe's samples."""
     embed, action, is_first = inputs
-    post, prior = model.observe(model.initial(B), embed, action, is_first, jax.random.PRNGKey(12))
+    post, prior = OBSERVE(model, model.initial(B), embed, action, is_first, jax.random.PRNGKey(12))
     deter, stoch = np.zeros((B, 16)), np.zeros((B, 4, 3))
     first = np.asarray(is_first)
     for t in range(T):
@@ -263,7 +269,7 @@ def test_observe_reset_equals_fresh_sequence(model, inputs):
     embed, action, is_first = inputs
     key = jax.random.PRNGKey(13)
     keys = jax.random.split(key, T)
-    post, prior = model.observe(model.initial(B), embed, action, is_first, key)
+    post, prior = OBSERVE(model, model.initial(B), embed, action, is_first, key)
     fresh_first = np.zeros((B, T - T0), bool)
     fresh_first[:, 0] = True
     fpost, fprior = loop_obs_step(model, model.initial(B), embed[:, T0:], action[:, T0:], jnp.asarray(fresh_first),
@@ -283,7 +289,7 @@ def test_observe_reset_equals_fresh_sequence(model, inputs):
 def test_deter_after_reset_is_gru_of_zeros(model, inputs):
     """After a reset the deter is GRU(0, 0, 0), whatever came before and whatever the action."""
     embed, action, is_first = inputs
-    post, _ = model.observe(model.initial(B), embed, action, is_first, jax.random.PRNGKey(14))
+    post, _ = OBSERVE(model, model.initial(B), embed, action, is_first, jax.random.PRNGKey(14))
     h0 = np_gru(model, np.zeros((1, 16)), np.zeros((1, 4, 3)), np.zeros((1, ACT)))[0]
     d = np.asarray(post.deter)
     for row in range(B):
@@ -302,9 +308,9 @@ def test_reset_forgets_start_state_and_action(model, inputs):
     k = jax.random.split(jax.random.PRNGKey(16), 2)
     start = RSSMState(jax.random.normal(k[0], (B, 16)), jax.nn.one_hot(jnp.full((B, 4), 2), 3),
                       jnp.zeros((B, 4, 3)))
-    post_a, prior_a = model.observe(model.initial(B), embed, action, is_first, key)
+    post_a, prior_a = OBSERVE(model, model.initial(B), embed, action, is_first, key)
     other_action = action.at[:, T0].set(-action[:, T0] + 1.0)
-    post_b, prior_b = model.observe(start, embed, other_action, is_first, key)
+    post_b, prior_b = OBSERVE(model, start, embed, other_action, is_first, key)
     assert_state_close(post_a, post_b, rows=RESET_ROWS, steps=slice(T0, None))
     assert_state_close(prior_a, prior_b, rows=RESET_ROWS, steps=slice(T0, None))
     # Before the reset, and on the row without one, the start state and the action do matter.

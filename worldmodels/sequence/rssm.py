@@ -86,23 +86,30 @@ class RSSM(SequenceModel):
 
     def _gru(self, deter: Array, stoch: Array, action: Array) -> Array:
         c = self.config
-        g = c.blocks
+        g, per_group = c.blocks, c.deter // c.blocks
         batch = deter.shape[:-1]
         action = action / sg(jnp.maximum(1.0, jnp.abs(action)))
         x = jnp.concatenate([self.in_deter(deter), self.in_stoch(stoch.reshape(*batch, -1)),
                              self.in_action(action)], -1)
-        # Each group's input is [its slice of h, x]. The x rows of every group's weight form one dense
-        # [3 * hidden, deter] matrix, so x is multiplied once instead of broadcast to every group.
-        per_group = c.deter // g
-        w_shared = jnp.moveaxis(self.hidden_layer.weight[:, per_group:], 0, 1).reshape(x.shape[-1], -1)
-        x = (self.hidden_layer.grouped(deter.reshape(*batch, g, per_group), slice(0, per_group))
-             + (x @ w_shared).reshape(*batch, g, per_group) + self.hidden_layer.bias.reshape(g, per_group))
-        x = jax.nn.silu(self.hidden_norm(x)).reshape(*batch, -1)
-        reset, cand, update = jnp.split(self.gates(x).reshape(*batch, g, 3, -1), 3, axis=-2)
-        reset = jax.nn.sigmoid(reset.reshape(*batch, -1))
-        cand = jnp.tanh(reset * cand.reshape(*batch, -1))
-        update = jax.nn.sigmoid(update.reshape(*batch, -1) - 1.0)
-        return update * cand + (1.0 - update) * deter
+        x = x.reshape(-1, x.shape[-1])
+        # Work group-major ([G, N, deter / G]): each group's matmul is then one contiguous batched
+        # matmul and the gate nonlinearities read contiguous memory (about 2x faster on CPU than
+        # contracting with the group axis in the middle). Each group's input is [its slice of h, x];
+        # the x rows of all groups form one dense [3 * hidden, deter] matrix, so x is multiplied once
+        # instead of being broadcast to every group.
+        h = jnp.moveaxis(deter.reshape(-1, g, per_group), 1, 0)
+        w = self.hidden_layer.weight
+        w_shared = jnp.moveaxis(w[:, per_group:], 0, 1).reshape(x.shape[-1], -1)
+        shared = jnp.moveaxis((x @ w_shared).reshape(-1, g, per_group), 1, 0)
+        y = jnp.einsum("gni,gio->gno", h, w[:, :per_group]) + shared + self.hidden_layer.bias.reshape(g, 1, -1)
+        y = jax.nn.silu(self.hidden_norm(y))
+        gates = jnp.einsum("gni,gio->gno", y, self.gates.weight) + self.gates.bias.reshape(g, 1, -1)
+        reset, cand, update = jnp.split(gates, 3, axis=-1)
+        reset = jax.nn.sigmoid(reset)
+        cand = jnp.tanh(reset * cand)
+        update = jax.nn.sigmoid(update - 1.0)
+        h = update * cand + (1.0 - update) * h
+        return jnp.moveaxis(h, 0, 1).reshape(*batch, -1)
 
     def _prior_logits(self, deter: Array) -> Array:
         return self._dist(self.prior_out(self.prior_net(deter))).logits

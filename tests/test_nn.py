@@ -1,0 +1,64 @@
+"""Building blocks against plain reference formulations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from worldmodels.nn import BlockLinear, ConvDecoder, ConvEncoder, Linear, Normalize
+from worldmodels.sequence.rssm import RSSM, RSSMConfig
+
+
+def test_block_linear_equals_block_diagonal_dense_matrix():
+    layer = BlockLinear(12, 6, 3, key=jax.random.PRNGKey(0))
+    layer = jax.tree.map(lambda b: b + 0.1, layer)  # nonzero bias
+    x = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+    dense = np.zeros((12, 6), np.float32)
+    for g, block in enumerate(np.asarray(layer.weight)):
+        dense[4 * g:4 * g + 4, 2 * g:2 * g + 2] = block
+    np.testing.assert_allclose(layer(x), x @ dense + np.asarray(layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_block_gru_equals_broadcast_formulation():
+    """The fast group-major GRU computes the reference's block GRU: each group reads [its slice of h,
+    all of x] through its own block, gates split as [reset | candidate | update] within a group."""
+    model = RSSM(RSSMConfig(deter=16, hidden=8, stoch=4, classes=3, blocks=2), 5, 2, key=jax.random.PRNGKey(0))
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    deter = jax.random.normal(keys[0], (3, 16))
+    stoch = jax.random.normal(keys[1], (3, 4, 3))
+    action = 3 * jax.random.normal(keys[2], (3, 2))
+
+    def reference(m, deter, stoch, action):
+        g = m.config.blocks
+        action = action / jnp.maximum(1.0, jnp.abs(action))
+        x = jnp.concatenate([m.in_deter(deter), m.in_stoch(stoch.reshape(3, -1)), m.in_action(action)], -1)
+        x = jnp.broadcast_to(x[:, None, :], (3, g, x.shape[-1]))
+        x = jnp.concatenate([deter.reshape(3, g, -1), x], -1).reshape(3, -1)
+        x = jax.nn.silu(m.hidden_norm(m.hidden_layer(x).reshape(3, g, -1))).reshape(3, -1)
+        reset, cand, update = jnp.split(m.gates(x).reshape(3, g, -1), 3, axis=-1)
+        reset = jax.nn.sigmoid(reset.reshape(3, -1))
+        cand = jnp.tanh(reset * cand.reshape(3, -1))
+        update = jax.nn.sigmoid(update.reshape(3, -1) - 1.0)
+        return update * cand + (1 - update) * deter
+
+    np.testing.assert_allclose(model._gru(deter, stoch, action), reference(model, deter, stoch, action),
+                               atol=1e-5)
+
+
+def test_zero_init_linear_and_norms():
+    assert np.all(np.asarray(Linear(4, 3, key=jax.random.PRNGKey(0), outscale=0.0)(jnp.ones(4))) == 0)
+    x = np.array([[3.0, -4.0]], np.float32)
+    np.testing.assert_allclose(Normalize(2, "rms", eps=0.0)(x), x / np.sqrt(12.5), rtol=1e-6)
+    np.testing.assert_allclose(Normalize(2, "layer", eps=0.0)(x), [[1.0, -1.0]], rtol=1e-6)
+
+
+def test_conv_encoder_decoder_shapes_for_powers_of_two():
+    # depth 2, channel multipliers (2, 3, 4, 4): the last stage's channels depend on the stage count
+    for side, stages, channels in ((64, 4, 8), (32, 3, 8), (16, 2, 6)):
+        enc = ConvEncoder(side, 3, 2, key=jax.random.PRNGKey(0))
+        out = enc(jnp.zeros((2, 5, side, side, 3), jnp.uint8))
+        assert out.shape == (2, 5, 4 * 4 * channels) and len(enc.convs) == stages
+        dec = ConvDecoder(7, side, 3, 2, key=jax.random.PRNGKey(1))
+        assert dec(jnp.zeros((2, 5, 7))).shape == (2, 5, side, side, 3)
+    with pytest.raises(ValueError, match="power of two"):
+        ConvEncoder(48, 3, 2, key=jax.random.PRNGKey(0))
