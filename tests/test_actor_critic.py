@@ -21,19 +21,19 @@ NEXT_VALUE = [10.0, 20.0, 30.0]
 
 
 def hand_lambda_return():
-    """By hand, lam = 0.5, from R_t = r_t + d_t((1 - lam) v_{t+1} + lam R_{t+1}) with R_3 = v_3 = 30:
+    """By hand, lam = 0.75, from R_t = r_t + d_t((1 - lam) v_{t+1} + lam R_{t+1}) with R_3 = v_3 = 30:
 
-    R_2 = 3 + 0.8 * (0.5 * 30 + 0.5 * 30)      = 3 + 24          = 27
-    R_1 = 2 + 0.5 * (0.5 * 20 + 0.5 * 27)      = 2 + 0.5 * 23.5  = 13.75
-    R_0 = 1 + 0.9 * (0.5 * 10 + 0.5 * 13.75)   = 1 + 0.9 * 11.875 = 11.6875
+    R_2 = 3 + 0.8 * (0.25 * 30 + 0.75 * 30)       = 3 + 24              = 27
+    R_1 = 2 + 0.5 * (0.25 * 20 + 0.75 * 27)       = 2 + 0.5 * 25.25     = 14.625
+    R_0 = 1 + 0.9 * (0.25 * 10 + 0.75 * 14.625)   = 1 + 0.9 * 13.46875  = 13.121875
     """
-    return [11.6875, 13.75, 27.0]
+    return [13.121875, 14.625, 27.0]
 
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_lambda_return_hand_trajectory(jit):
     fn = jax.jit(lambda_return, static_argnums=3) if jit else lambda_return
-    ret = fn(jnp.array(REWARD), jnp.array(DISCOUNT), jnp.array(NEXT_VALUE), 0.5)
+    ret = fn(jnp.array(REWARD), jnp.array(DISCOUNT), jnp.array(NEXT_VALUE), 0.75)
     np.testing.assert_allclose(ret, hand_lambda_return(), rtol=1e-6)
 
 
@@ -51,9 +51,9 @@ def test_lambda_one_undiscounted_is_reward_sum_plus_last_value():
 
 def test_lambda_return_zero_discount_cuts_bootstrap():
     # A terminal at step 1 (d_1 = 0): R_1 = r_1 exactly, whatever comes after.
-    ret = lambda_return(jnp.array(REWARD), jnp.array([0.9, 0.0, 0.8]), jnp.array(NEXT_VALUE), 0.5)
-    # R_0 = 1 + 0.9 * (0.5 * 10 + 0.5 * 2) = 6.4
-    np.testing.assert_allclose(ret, [6.4, 2.0, 27.0], rtol=1e-6)
+    ret = lambda_return(jnp.array(REWARD), jnp.array([0.9, 0.0, 0.8]), jnp.array(NEXT_VALUE), 0.75)
+    # R_0 = 1 + 0.9 * (0.25 * 10 + 0.75 * 2) = 4.6
+    np.testing.assert_allclose(ret, [4.6, 2.0, 27.0], rtol=1e-6)
 
 
 def np_lambda_return(r, d, v, lam):
@@ -81,7 +81,7 @@ def test_lambda_return_batched(jit):
     rb = jnp.stack([jnp.array(REWARD), jnp.zeros(3)])
     db = jnp.stack([jnp.array(DISCOUNT), jnp.ones(3)])
     vb = jnp.stack([jnp.array(NEXT_VALUE), jnp.full(3, 7.0)])  # r = 0, d = 1, v = 7 -> R = 7
-    np.testing.assert_allclose(fn(rb, db, vb, 0.5), [hand_lambda_return(), [7.0, 7.0, 7.0]], rtol=1e-6)
+    np.testing.assert_allclose(fn(rb, db, vb, 0.75), [hand_lambda_return(), [7.0, 7.0, 7.0]], rtol=1e-6)
 
 
 # --- return normaliser ------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def twohot_encode(x: Float[Array, "..."], bins: Float[Array, " k"]) -> Float[Arr
     """
     k = bins.shape[0]
     below = jnp.clip(jnp.sum(bins <= x[..., None], -1) - 1, 0, k - 1)
-    above = jnp.clip(below + 1, 0, k - 1)
+    above = jnp.clip(k - jnp.sum(bins > x[..., None], -1), 0, k - 1)  # == below beyond either end
     dist_below = jnp.abs(bins[below] - x)
     dist_above = jnp.abs(bins[above] - x)
     same = below == above
@@ -51,19 +51,21 @@ def twohot_encode(x: Float[Array, "..."], bins: Float[Array, " k"]) -> Float[Arr
 
 
 class TwoHot(NamedTuple):
-    """Categorical over fixed real-valued bins, trained with a twohot cross-entropy."""
+    """Categorical over fixed real-valued bins (odd count, symmetric around an exact 0, as
+    `symexp_bins` makes them), trained with a twohot cross-entropy."""
 
     logits: Float[Array, "... k"]
     bins: Float[Array, " k"]
 
     def mean(self) -> Float[Array, "..."]:
-        # Sum the two halves from the middle outwards: with uniform probabilities (zero-initialised
-        # head) the symmetric terms cancel exactly, so the first prediction is exactly 0.
+        # The bins are symmetric (bins[m - j] == -bins[m + j], see `symexp_bins`), so pair them up:
+        # sum_j (p[m + j] - p[m - j]) * bins[m + j]. With uniform probabilities (a zero-initialised
+        # head) every difference is exactly 0, so the first prediction is exactly 0, also under jit
+        # where a plain weighted sum leaves fused multiply-add rounding behind.
         probs = jax.nn.softmax(self.logits, -1)
         m = (self.bins.shape[0] - 1) // 2
-        left = (probs[..., :m] * self.bins[:m])[..., ::-1]
-        right = probs[..., m + 1:] * self.bins[m + 1:]
-        return jnp.sum(left + right, -1) + probs[..., m] * self.bins[m]
+        diff = probs[..., m + 1:] - probs[..., :m][..., ::-1]
+        return jnp.sum(diff * self.bins[m + 1:], -1)
 
     def log_prob(self, target: Float[Array, "..."]) -> Float[Array, "..."]:
         """Twohot cross-entropy (as a log-likelihood) of a scalar target."""

@@ -159,8 +159,13 @@ class RSSM(SequenceModel):
         return self.config.deter + self.config.stoch * self.config.classes
 
     def kl_loss(self, post: RSSMState, prior: RSSMState, free: float) -> tuple[Array, Array]:
-        post_d = OneHotCategorical(post.logits, 2)
-        prior_d = OneHotCategorical(prior.logits, 2)
-        dyn = OneHotCategorical(sg(post.logits), 2).kl(prior_d)
-        rep = post_d.kl(OneHotCategorical(sg(prior.logits), 2))
-        return jnp.maximum(dyn, free), jnp.maximum(rep, free)
+        return categorical_kl_loss(post.logits, prior.logits, free)
+
+
+def categorical_kl_loss(post_logits: Float[Array, "... s k"], prior_logits: Float[Array, "... s k"],
+                        free: float) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
+    """KL balancing with free bits: dyn = max(free, KL(sg(post) || prior)) trains the prior,
+    rep = max(free, KL(post || sg(prior))) trains the posterior; KLs summed over the latents."""
+    dyn = OneHotCategorical(sg(post_logits), 2).kl(OneHotCategorical(prior_logits, 2))
+    rep = OneHotCategorical(post_logits, 2).kl(OneHotCategorical(sg(prior_logits), 2))
+    return jnp.maximum(dyn, free), jnp.maximum(rep, free)
