@@ -2,6 +2,7 @@
 
     python -m experiments.bench                      # the full table
     python -m experiments.bench --cases size1m       # one row
+    python -m experiments.bench --sweep              # RSSM vs S3M over sequence lengths 64, 256, 1024
 
 Rows: train step at batch 16 x 64 for size1m and size12m with vector observations and size12m with
 64x64 images (start-up = agent init + first call, i.e. compile; then the median of `--repeats`
@@ -86,13 +87,78 @@ def bench_policy(state, spec, envs: int, repeats: int) -> tuple[float, float]:
     return compile_s, 1000 * float(np.median(times))
 
 
+# Sequence-length sweep: RSSM vs S3M at comparable width (deter 512, hidden/width 128), B x T = 4096.
+SWEEP_MODELS = {
+    "rssm": {"agent.world_model.sequence.model": "rssm", "agent.world_model.sequence.rssm.deter": 512,
+             "agent.world_model.sequence.rssm.hidden": 128, "agent.world_model.units": 128,
+             "agent.actor_critic.units": 128},
+    "s3m": {"agent.world_model.sequence.model": "s3m", "agent.world_model.sequence.s3m.deter": 512,
+            "agent.world_model.sequence.s3m.width": 128, "agent.world_model.sequence.s3m.state_size": 128,
+            "agent.world_model.sequence.s3m.layers": 3, "agent.world_model.sequence.s3m.hidden": 128,
+            "agent.world_model.units": 128, "agent.actor_critic.units": 128},
+}
+
+
+def bench_world_model(state, batch, repeats: int) -> tuple[float, float]:
+    """(compile s, median ms) of the world-model loss and its gradient alone (no imagination)."""
+    import equinox as eqx
+
+    b = batch["is_first"].shape[0]
+
+    @eqx.filter_jit
+    def wm_grad(wm, batch, key):
+        return eqx.filter_value_and_grad(lambda m: m.loss(batch, m.dynamics.initial(b), key)[0])(wm)
+
+    start = time.perf_counter()
+    jax.block_until_ready(wm_grad(state.world_model, batch, jax.random.PRNGKey(0)))
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(wm_grad(state.world_model, batch, jax.random.PRNGKey(i)))
+        times.append(time.perf_counter() - start)
+    return compile_s, 1000 * float(np.median(times))
+
+
+def sweep(lengths: list[int], total: int, repeats: int) -> None:
+    print(f"\nsequence-length sweep, B x T = {total}, vector observations (16), 6 actions")
+    print(f"{'model':<6}{'T':>6}{'B':>5}{'params':>11}{'compile s':>11}{'train ms':>10}{'wm compile s':>14}"
+          f"{'wm+grad ms':>12}")
+    for t in lengths:
+        for name, overrides in SWEEP_MODELS.items():
+            config = make_config([], overrides).agent
+            state = agent_lib.init(config, VECTOR, agent_lib.ActionSpec(6, True), jax.random.PRNGKey(0))
+            batch = random_batch(VECTOR, 6, total // t, t)
+            wm_compile, wm_ms = bench_world_model(state, batch, repeats)
+            start = time.perf_counter()
+            state, metrics = agent_lib.train(state, batch, jax.random.PRNGKey(0))
+            jax.block_until_ready(metrics)
+            compile_s = time.perf_counter() - start
+            times = []
+            for i in range(repeats):
+                start = time.perf_counter()
+                state, metrics = agent_lib.train(state, batch, jax.random.PRNGKey(i + 1))
+                jax.block_until_ready(metrics)
+                times.append(time.perf_counter() - start)
+            print(f"{name:<6}{t:>6}{total // t:>5}{agent_lib.count_params(state.params):>11,}{compile_s:>11.2f}"
+                  f"{1000 * np.median(times):>10.1f}{wm_compile:>14.2f}{wm_ms:>12.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sweep", action="store_true", help="only the RSSM vs S3M sequence-length sweep")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--total", type=int, default=4096, help="B x T of the sweep")
     args = parser.parse_args()
+    if args.sweep:
+        print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32")
+        sweep(args.lengths, args.total, args.repeats)
+        print(f"peak RSS: {peak_rss_mib():.0f} MiB")
+        return
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch} x {args.seq}; float32")
     print(f"{'case':<15}{'params':>12}{'init s':>9}{'compile s':>11}{'start-up s':>12}{'ms/step':>10}")
     first_state = None

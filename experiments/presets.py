@@ -14,7 +14,7 @@ RUN_PRESETS = {
     "cartpole": {"run.env": "gym:CartPole-v1", "run.steps": 12_000, "run.train_ratio": 64.0,
                  "run.batch_size": 16, "run.seq_len": 64, "run.log_every": 1000, **FAST_LEARNING},
     # bsuite catch: 9-step episodes; the learning benchmark's setting.
-    "catch": {"run.env": "bsuite/catch/0", "run.steps": 20_000, "run.train_ratio": 64.0, "run.log_every": 1000,
+    "catch": {"run.env": "bsuite/catch/0", "run.steps": 20_000, "run.train_ratio": 128.0, "run.log_every": 1000,
               **FAST_LEARNING},
 }
 
@@ -22,3 +22,42 @@ RUN_PRESETS = {
 def register() -> None:
     for name, overrides in RUN_PRESETS.items():
         PRESETS.setdefault(name, overrides)
+
+
+def _s3m(deter: int, width: int, state: int, layers: int, policy_input: str, **extra) -> dict:
+    s = "agent.world_model.sequence.s3m."
+    return {"agent.world_model.sequence.model": "s3m", s + "deter": deter, s + "width": width,
+            s + "state_size": state, s + "layers": layers, s + "policy_input": policy_input,
+            **{s + k: v for k, v in extra.items()}}
+
+
+def _actor_critic(layers: int, units: int) -> dict:
+    return {"agent.actor_critic.layers": layers, "agent.actor_critic.units": units}
+
+
+# R2I's released hyperparameters (B x T, train ratio, deter / width / state / layers, actor-critic).
+R2I_PRESETS = {
+    "r2i": {**_s3m(4096, 1024, 128, 4, "full"), **_actor_critic(5, 1024), "run.batch_size": 4,
+            "run.seq_len": 1024, "run.train_ratio": 32.0},
+    "r2i-memory-maze": {**_s3m(2048, 1024, 512, 5, "full"), **_actor_critic(4, 1024), "run.batch_size": 4,
+                        "run.seq_len": 1024, "run.train_ratio": 64.0, "run.num_envs": 40, "run.steps": 400_000_000,
+                        "agent.optim.lr": 3e-4, "agent.optim.weight_decay": 1e-2, "agent.world_model.dyn_scale": 0.8,
+                        "agent.world_model.rep_scale": 0.2, "agent.actor_critic.entropy": 1e-3,
+                        "agent.world_model.cnn_depth": 48},
+    "r2i-popgym": {**_s3m(1024, 512, 128, 3, "hidden"), **_actor_critic(2, 512), "run.batch_size": 4,
+                   "run.seq_len": 1024, "run.train_ratio": 64.0, "run.num_envs": 8, "run.steps": 200_000_000},
+    "r2i-bsuite": {**_s3m(512, 512, 128, 3, "hidden", discretization="zoh", learned_initial=False),
+                   **_actor_critic(2, 512), "run.batch_size": 16, "run.seq_len": 256, "run.train_ratio": 1024.0,
+                   "run.steps": 5_000_000},
+    "r2i-dmc": {**_s3m(512, 512, 128, 4, "full"), **_actor_critic(2, 512), "run.batch_size": 4,
+                "run.seq_len": 1024, "run.train_ratio": 512.0, "run.steps": 500_000},
+    # Reduced for this project's 2-core CPU (NOT the released setting): smaller widths, short sequences.
+    "r2i-bsuite-cpu": {**_s3m(128, 64, 32, 2, "hidden", discretization="zoh", learned_initial=False, hidden=64,
+                               classes=4),
+                       **_actor_critic(2, 64), "run.batch_size": 16, "run.seq_len": 64, "run.train_ratio": 256.0,
+                       **FAST_LEARNING},
+    "dreamer-bsuite-cpu": {"agent.world_model.sequence.rssm.deter": 128, "agent.world_model.sequence.rssm.hidden": 64,
+                           **_actor_critic(2, 64), "run.batch_size": 16, "run.seq_len": 64,
+                           "run.train_ratio": 256.0, **FAST_LEARNING},
+}
+RUN_PRESETS.update(R2I_PRESETS)

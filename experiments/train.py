@@ -32,6 +32,7 @@ def parse(argv: list[str] | None = None) -> Config:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", nargs="+", default=[])
     pre.add_argument("--env", default=None)
+    pre.add_argument("--model", default=None, choices=["rssm", "s3m"])
     known, rest = pre.parse_known_args(argv)
     unknown = [p for p in known.preset if p not in PRESETS]
     if unknown:
@@ -40,8 +41,11 @@ def parse(argv: list[str] | None = None) -> Config:
     base = make_config(known.preset)
     if known.env is not None:
         base = override(base, "run.env", known.env)
+    if known.model is not None:
+        base = override(base, "agent.world_model.sequence.model", known.model)
     description = (f"{__doc__}\nPresets (--preset NAME [NAME ...]): {', '.join(sorted(PRESETS))}.\n"
-                   "--env NAME is short for --run.env NAME.")
+                   "--env NAME is short for --run.env NAME; --model rssm|s3m for "
+                   "--agent.world_model.sequence.model.")
     return tyro.cli(Config, default=base, args=rest, description=description)
 
 

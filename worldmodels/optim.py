@@ -18,6 +18,7 @@ class OptimConfig:
     beta1: float = 0.9  # momentum, applied after the RMS scaling ("LaProp")
     beta2: float = 0.999
     eps: float = 1e-20
+    weight_decay: float = 0.0  # decoupled; never applied to SSM parameters (their own group, as in R2I)
 
 
 def clip_by_agc(clip: float, pmin: float) -> optax.GradientTransformation:
@@ -36,10 +37,23 @@ def clip_by_agc(clip: float, pmin: float) -> optax.GradientTransformation:
     return optax.stateless(clip_fn)
 
 
+def decay_mask(params):
+    """True for parameters that get weight decay: everything but the SSM layers' parameters (any leaf
+    below an attribute named `ssm`, see `worldmodels.sequence.s3m.SSMBlock`)."""
+
+    def decays(path, leaf) -> bool:
+        return not any(isinstance(k, jax.tree_util.GetAttrKey) and k.name == "ssm" for k in path)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    """AGC -> RMS scaling -> momentum -> (decoupled weight decay, SSM parameters excluded) -> lr."""
+    decay = [optax.add_decayed_weights(config.weight_decay, mask=decay_mask)] if config.weight_decay else []
     return optax.chain(
         clip_by_agc(config.agc, config.pmin),
         optax.scale_by_rms(decay=config.beta2, eps=config.eps, eps_in_sqrt=False, bias_correction=True),
         optax.ema(config.beta1, debias=True),
+        *decay,
         optax.scale_by_learning_rate(lambda count: config.lr * jnp.minimum(1.0, (count + 1) / max(config.warmup, 1))),
     )

@@ -144,11 +144,12 @@ class SSM(eqx.Module):
                  discretization: Discretization = "bilinear", step_min: float = 1e-3, step_max: float = 1e-1):
         lam, v = hippo_init(state_size, blocks)
         k1, k2, k3, k4 = jax.random.split(key, 4)
-        vinv = v.conj().T
-        b = np.asarray(lecun_normal(k1, (state_size, width), width))
-        self.b = as_pair(jnp.asarray(vinv @ b, jnp.complex64))
-        c = np.asarray(lecun_normal(k2, (width, state_size, 2), state_size))
-        self.c = as_pair(jnp.asarray((c[..., 0] + 1j * c[..., 1]) @ v, jnp.complex64))
+        # B = V^-1 B_real and C = C_complex V: the parameters of the diagonalised system.
+        v = jnp.asarray(v, jnp.complex64)
+        b = lecun_normal(k1, (state_size, width), width).astype(jnp.complex64)
+        self.b = as_pair(v.conj().T @ b)
+        c = lecun_normal(k2, (width, state_size, 2), state_size)
+        self.c = as_pair(jax.lax.complex(c[..., 0], c[..., 1]) @ v)
         self.d = jax.random.normal(k3, (width,))
         self.lambda_re = jnp.asarray(lam.real, jnp.float32)
         self.lambda_im = jnp.asarray(lam.imag, jnp.float32)
@@ -164,20 +165,28 @@ class SSM(eqx.Module):
         lam = jax.lax.complex(jnp.minimum(self.lambda_re, -1e-4), self.lambda_im)
         return discretize(lam, as_complex(self.b), jnp.exp(self.log_step), self.discretization)
 
+    @staticmethod
+    def _input(u: Float[Array, "... h"], bbar: Complex[Array, "p h"]) -> Complex[Array, "... p"]:
+        # Bbar u as one real matmul against [Re(Bbar); Im(Bbar)]: XLA's CPU complex matmul is far slower.
+        p = bbar.shape[0]
+        out = u @ jnp.concatenate([jnp.real(bbar), jnp.imag(bbar)], 0).T
+        return jax.lax.complex(out[..., :p], out[..., p:])
+
     def _out(self, x: Complex[Array, "... p"], u: Float[Array, "... h"]) -> Float[Array, "... h"]:
-        c = as_complex(self.c)
-        return jnp.real(x) @ jnp.real(c).T - jnp.imag(x) @ jnp.imag(c).T + self.d * u
+        # Re(C x) = [Re x, Im x] @ [Re C, -Im C]^T, one real matmul.
+        c = jnp.concatenate([self.c[..., 0], -self.c[..., 1]], 1)
+        return jnp.concatenate([jnp.real(x), jnp.imag(x)], -1) @ c.T + self.d * u
 
     def __call__(self, u: Float[Array, "b t h"], is_first: Bool[Array, "b t"], x_init: Complex[Array, "b p"],
                  x_prev: Complex[Array, "b p"]) -> tuple[Float[Array, "b t h"], Complex[Array, "b t p"]]:
         """Parallel mode: (outputs y, states x) for every step."""
         abar, bbar = self.discrete()
-        bu = u.astype(bbar.dtype) @ bbar.T
+        bu = self._input(u, bbar)
         xs = scan_parallel(abar, bu, is_first, x_init, x_prev)
         return self._out(xs, u), xs
 
     def step(self, u: Float[Array, "b h"], x_prev: Complex[Array, "b p"]) -> tuple[Float[Array, "b h"], Complex[Array, "b p"]]:
         """Recurrent mode: one step (the caller resets `x_prev` at episode starts)."""
         abar, bbar = self.discrete()
-        x = abar * x_prev + u.astype(bbar.dtype) @ bbar.T
+        x = abar * x_prev + self._input(u, bbar)
         return self._out(x, u), x
