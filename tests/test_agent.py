@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import sine_batch
 from worldmodels import agent as agent_lib
 from worldmodels.config import make_config
 
@@ -16,24 +17,9 @@ def tiny_agent(discrete=True, seed=0, obs_spec=OBS_SPEC):
     return agent_lib.init(config, obs_spec, agent_lib.ActionSpec(2, discrete), jax.random.PRNGKey(seed))
 
 
-def fixed_batch(b=4, t=16, seed=0):
-    rng = np.random.default_rng(seed)
-    # A learnable signal: the observation follows a sine whose phase the reward tracks.
-    phase = rng.uniform(0, 2 * np.pi, (b, 1))
-    steps = np.arange(t)[None]
-    vec = np.stack([np.sin(phase + 0.3 * steps), np.cos(phase + 0.3 * steps), np.ones((b, t))], -1)
-    is_first = np.zeros((b, t), bool)
-    is_first[:, 0] = True
-    is_first[0, t // 2] = True  # an episode boundary inside the window
-    return {"vector": vec.astype(np.float32),
-            "action": np.eye(2, dtype=np.float32)[rng.integers(0, 2, (b, t))] * ~is_first[..., None],
-            "reward": np.sin(phase + 0.3 * steps).astype(np.float32), "is_first": is_first,
-            "is_last": np.zeros((b, t), bool), "is_terminal": np.zeros((b, t), bool)}
-
-
 def test_train_keeps_losses_finite_and_lowers_world_model_loss():
     state = tiny_agent()
-    batch = fixed_batch()
+    batch = sine_batch()
     losses = []
     for i in range(60):
         state, metrics = agent_lib.train(state, batch, jax.random.PRNGKey(i))
@@ -46,10 +32,10 @@ def test_train_keeps_losses_finite_and_lowers_world_model_loss():
 
 def test_train_and_policy_compile_once():
     state = tiny_agent(seed=1)
-    batch = fixed_batch()
+    batch = sine_batch()
     before = dict(agent_lib.TRACE_COUNTS)
     for i in range(4):
-        state, _ = agent_lib.train(state, fixed_batch(seed=i), jax.random.PRNGKey(i))
+        state, _ = agent_lib.train(state, sine_batch(seed=i), jax.random.PRNGKey(i))
     assert agent_lib.TRACE_COUNTS["train"] - before.get("train", 0) <= 1
     carry = agent_lib.initial_carry(state, 3)
     before = dict(agent_lib.TRACE_COUNTS)
@@ -65,10 +51,10 @@ def test_train_and_policy_compile_once():
 def test_train_does_not_retrace_after_first_call_from_fresh_function():
     # A new agent with the same config and shapes reuses the compiled train step.
     state = tiny_agent(seed=2)
-    state, _ = agent_lib.train(state, fixed_batch(), jax.random.PRNGKey(0))
+    state, _ = agent_lib.train(state, sine_batch(), jax.random.PRNGKey(0))
     before = agent_lib.TRACE_COUNTS["train"]
     other = tiny_agent(seed=3)
-    other, _ = agent_lib.train(other, fixed_batch(seed=5), jax.random.PRNGKey(1))
+    other, _ = agent_lib.train(other, sine_batch(seed=5), jax.random.PRNGKey(1))
     assert agent_lib.TRACE_COUNTS["train"] == before
 
 
@@ -102,7 +88,7 @@ def test_continuous_actions_are_bounded():
 def test_image_observations_train():
     spec = {"image": ((16, 16, 3), "uint8"), "vector": ((3,), "float32")}
     state = tiny_agent(obs_spec=spec, seed=6)
-    batch = fixed_batch()
+    batch = sine_batch()
     batch["image"] = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 16, 3), dtype=np.uint8)
     state, metrics = agent_lib.train(state, batch, jax.random.PRNGKey(0))
     assert np.isfinite(float(metrics["loss/rec_image"]))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import OBS_STEP, loop_obs_step
 from worldmodels.sequence.rssm import RSSM, RSSMConfig, RSSMState
 
 CFG = RSSMConfig(deter=16, hidden=8, stoch=4, classes=3, blocks=2)
@@ -36,21 +37,8 @@ def inputs():
     return embed, action, jnp.asarray(is_first)
 
 
-OBS_STEP = jax.jit(lambda m, *args: m.obs_step(*args))
 OBSERVE = jax.jit(lambda m, *args: m.observe(*args))
 IMG_STEP = jax.jit(lambda m, *args: m.img_step(*args))
-
-
-def loop_obs_step(model, state, embed, action, is_first, keys):
-    """A python loop of (jitted, one step at a time) `obs_step` calls with the given per-step keys."""
-    posts, priors = [], []
-    for t in range(embed.shape[1]):
-        post, prior = OBS_STEP(model, state, embed[:, t], action[:, t], is_first[:, t], keys[t])
-        posts.append(post)
-        priors.append(prior)
-        state = post
-    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a, 1), *xs)
-    return stack(posts), stack(priors)
 
 
 def assert_state_close(a, b, rows=slice(None), steps=slice(None), atol=1e-5):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import loop_obs_step, sine_batch
 from worldmodels import agent as agent_lib
 from worldmodels.config import make_config
 from worldmodels.sequence.rssm import categorical_kl_loss
@@ -37,7 +38,6 @@ def models():
     return {True: make_model(True), False: make_model(False)}
 
 
-OBS_STEP = jax.jit(lambda m, *args: m.obs_step(*args))
 OBSERVE = jax.jit(lambda m, *args: m.observe(*args))
 IMG_STEP = jax.jit(lambda m, *args: m.img_step(*args))
 INITIAL = jax.jit(lambda m: m.initial(B))
@@ -63,18 +63,6 @@ def mixed_resets():
     f[1, [0, T // 2]] = True
     f[2, [2, 3, T - 1]] = True
     return f
-
-
-def loop_obs_step(model, state, embed, action, is_first, keys):
-    """A python loop of (jitted, one step at a time) `obs_step` calls with the given per-step keys."""
-    posts, priors = [], []
-    for t in range(embed.shape[1]):
-        post, prior = OBS_STEP(model, state, embed[:, t], action[:, t], is_first[:, t], keys[t])
-        posts.append(post)
-        priors.append(prior)
-        state = post
-    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a, 1), *xs)
-    return stack(posts), stack(priors)
 
 
 def at(state, t):
@@ -248,20 +236,6 @@ S3M_OVERRIDES = {"agent.world_model.sequence.model": "s3m", "agent.world_model.s
                  "agent.world_model.sequence.s3m.stoch": 4, "agent.world_model.sequence.s3m.classes": 3}
 
 
-def agent_batch(seed, b=4, t=16):
-    rng = np.random.default_rng(seed)
-    phase = rng.uniform(0, 2 * np.pi, (b, 1))
-    steps = np.arange(t)[None]
-    vec = np.stack([np.sin(phase + 0.3 * steps), np.cos(phase + 0.3 * steps), np.ones((b, t))], -1)
-    is_first = np.zeros((b, t), bool)
-    is_first[:, 0] = True
-    is_first[0, t // 2] = True  # an episode boundary inside the window
-    return {"vector": vec.astype(np.float32),
-            "action": np.eye(2, dtype=np.float32)[rng.integers(0, 2, (b, t))] * ~is_first[..., None],
-            "reward": np.sin(phase + 0.3 * steps).astype(np.float32), "is_first": is_first,
-            "is_last": np.zeros((b, t), bool), "is_terminal": np.zeros((b, t), bool)}
-
-
 def test_agent_with_s3m_trains_and_acts():
     config = make_config(["debug"], S3M_OVERRIDES).agent
     state = agent_lib.init(config, {"vector": ((3,), "float32")}, agent_lib.ActionSpec(2, True), jax.random.PRNGKey(0))
@@ -269,7 +243,7 @@ def test_agent_with_s3m_trains_and_acts():
     assert isinstance(dynamics, S3M) and dynamics.config.state_size == 6
     before = agent_lib.TRACE_COUNTS["train"]
     for i in range(3):
-        state, metrics = agent_lib.train(state, agent_batch(i), jax.random.PRNGKey(i))
+        state, metrics = agent_lib.train(state, sine_batch(seed=i), jax.random.PRNGKey(i))
         metrics = jax.device_get(metrics)
         assert all(np.isfinite(v) for v in metrics.values()), metrics
     assert int(state.step) == 3
