@@ -11,7 +11,7 @@ from worldmodels.actor_critic import (Actor, ActorCriticConfig, Critic, lambda_r
                                       return_norm_scale, return_norm_update)
 from worldmodels.dists import BoundedNormal, OneHotCategorical
 
-TINY = ActorCriticConfig(units=8, layers=1)
+TINY = ActorCriticConfig(units=8, layers=1, retnorm_debias=True)
 
 # --- lambda returns --------------------------------------------------------------------------------
 
@@ -111,6 +111,17 @@ def test_return_norm_two_updates_hand_ema():
     low, high = debiased(state)
     np.testing.assert_allclose([low, high], [7 / 3, 133 / 3], rtol=1e-5)
     np.testing.assert_allclose(return_norm_scale(state, cfg), 126 / 3, rtol=1e-5)  # 44.333 - 2.333 = 42
+
+
+def test_return_norm_without_debiasing_is_the_plain_ema():
+    # The reference's default: the EMAs start at zero and are used as they are.
+    cfg = dataclasses.replace(TINY, retnorm_rate=0.5, retnorm_debias=False)
+    a = np.arange(101, dtype=np.float32)
+    b = np.linspace(0, 20, 101).astype(np.float32)
+    state = return_norm_update(return_norm_update(return_norm_init(), jnp.asarray(a), cfg), jnp.asarray(b), cfg)
+    np.testing.assert_allclose(return_norm_scale(state, cfg), 33.25 - 1.75, rtol=1e-5)
+    one = return_norm_update(return_norm_init(), jnp.asarray(a), dataclasses.replace(cfg, retnorm_rate=0.01))
+    assert float(return_norm_scale(one, dataclasses.replace(cfg, retnorm_rate=0.01))) == 1.0  # 0.9 < limit
 
 
 def test_return_norm_scale_floor_and_range():

@@ -33,6 +33,8 @@ class ActorCriticConfig:
     retnorm_limit: float = 1.0
     retnorm_low: float = 5.0  # percentiles
     retnorm_high: float = 95.0
+    retnorm_debias: bool = False  # the reference keeps the zero-initialised EMA as is
+    actor_outscale: float = 0.01  # small output layer: the first policy is close to uniform
     actor_scale: float = 1.0
     critic_scale: float = 1.0
     norm: Norm = "rms"
@@ -52,7 +54,8 @@ class Actor(eqx.Module):
         k1, k2 = jax.random.split(key)
         self.discrete, self.action_dim, self.config = discrete, action_dim, config
         self.mlp = MLP(feat_dim, config.units, config.layers, key=k1, norm=config.norm)
-        self.out = Linear(config.units, action_dim if discrete else 2 * action_dim, key=k2)
+        self.out = Linear(config.units, action_dim if discrete else 2 * action_dim, key=k2,
+                          outscale=config.actor_outscale)
 
     def __call__(self, feat: Float[Array, "... f"]) -> OneHotCategorical | BoundedNormal:
         x = self.out(self.mlp(feat))
@@ -104,7 +107,7 @@ class ReturnNormState(NamedTuple):
 
     low: Float[Array, ""]
     high: Float[Array, ""]
-    correction: Float[Array, ""]  # 1 - (1 - rate)^updates, undoes the EMA's zero initialisation
+    correction: Float[Array, ""]  # 1 - (1 - rate)^updates, to undo the EMA's zero initialisation
 
 
 def return_norm_init() -> ReturnNormState:
@@ -122,5 +125,5 @@ def return_norm_update(state: ReturnNormState, returns: Array, config: ActorCrit
 
 def return_norm_scale(state: ReturnNormState, config: ActorCriticConfig) -> Float[Array, ""]:
     """S = max(limit, P_high - P_low): advantages are divided by this."""
-    correction = jnp.maximum(state.correction, 1e-8)
+    correction = jnp.maximum(state.correction, 1e-8) if config.retnorm_debias else 1.0
     return jnp.maximum(config.retnorm_limit, (state.high - state.low) / correction)
