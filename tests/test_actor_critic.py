@@ -185,3 +185,12 @@ def test_fresh_critic_predicts_zero_under_jit():
     feat = jax.random.normal(jax.random.PRNGKey(1), (4, 7))
     mean = np.asarray(jax.jit(lambda c, f: c(f).mean())(critic, feat))
     assert np.all(mean == 0.0), mean
+
+
+def test_lambda_return_with_per_step_lambda_stops_recursion():
+    # lam_t = 0 at t = 1 (an episode boundary): R_1 must not look past v_2.
+    # R_3 = 30; R_2 = 3 + 0.9 * (0.5 * 30 + 0.5 * 30) = 30; R_1 = 2 + 0.9 * 20 = 20;
+    # R_0 = 1 + 0.9 * (0.5 * 10 + 0.5 * 20) = 14.5
+    got = lambda_return(jnp.array([1.0, 2.0, 3.0]), jnp.full(3, 0.9), jnp.array([10.0, 20.0, 30.0]),
+                        jnp.array([0.5, 0.0, 0.5]))
+    np.testing.assert_allclose(got, [14.5, 20.0, 30.0], rtol=1e-6)

@@ -37,6 +37,7 @@ class ActorCriticConfig:
     actor_outscale: float = 0.01  # small output layer: the first policy is close to uniform
     actor_scale: float = 1.0
     critic_scale: float = 1.0
+    repval_scale: float = 0.3  # critic loss on lambda returns of the replayed sequences (0: off)
     norm: Norm = "rms"
 
 
@@ -83,22 +84,24 @@ class Critic(eqx.Module):
 
 
 def lambda_return(reward: Float[Array, "... h"], discount: Float[Array, "... h"],
-                  next_value: Float[Array, "... h"], lam: float) -> Float[Array, "... h"]:
+                  next_value: Float[Array, "... h"], lam: float | Float[Array, "... h"]) -> Float[Array, "... h"]:
     """TD(lambda) returns over the last (time) axis, bootstrapped from the last `next_value`.
 
     For transitions t -> t+1 (t = 0..H-1): `reward[t]` = r_{t+1}, `discount[t]` = gamma * c_{t+1},
     `next_value[t]` = v(s_{t+1}). Computes
-    `R_t = r_{t+1} + discount_t * ((1 - lam) * v_{t+1} + lam * R_{t+1})` with `R_H = v_H`.
+    `R_t = r_{t+1} + discount_t * ((1 - lam_t) * v_{t+1} + lam_t * R_{t+1})` with `R_H = v_H`.
+    `lam` is a constant or one per transition (0 where an episode ends, to stop the recursion there).
     """
+    lam = jnp.broadcast_to(jnp.asarray(lam, reward.dtype), reward.shape)
 
     def step(next_ret, inputs):
-        r, d, v = inputs
-        ret = r + d * ((1.0 - lam) * v + lam * next_ret)
+        r, d, v, l = inputs
+        ret = r + d * ((1.0 - l) * v + l * next_ret)
         return ret, ret
 
     move = lambda x: jnp.moveaxis(x, -1, 0)
-    _, rets = jax.lax.scan(step, move(next_value)[-1], (move(reward), move(discount), move(next_value)),
-                           reverse=True)
+    _, rets = jax.lax.scan(step, move(next_value)[-1],
+                           (move(reward), move(discount), move(next_value), move(lam)), reverse=True)
     return jnp.moveaxis(rets, 0, -1)
 
 

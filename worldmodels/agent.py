@@ -167,10 +167,34 @@ def _losses(params: tuple[WorldModel, Actor, Critic], state: AgentState, batch: 
     critic_loss = jnp.mean(weight * -(values.log_prob(sg(ret)) + ac.slow_reg * values.log_prob(slow_value)))
 
     total = wm_loss + ac.actor_scale * actor_loss + ac.critic_scale * critic_loss
+    if ac.repval_scale:
+        repval_loss = _replay_value_loss(wm, critic, state, batch, post, sg(ret[:, 0]).reshape(b, t), gamma)
+        total = total + ac.repval_scale * repval_loss
+        metrics["loss/repval"] = repval_loss
     metrics.update({"loss/world_model": wm_loss, "loss/actor": actor_loss, "loss/critic": critic_loss,
                     "actor/entropy": entropy.mean(), "imag/return": ret.mean(), "imag/reward": reward.mean(),
                     "imag/value": value.mean(), "imag/return_scale": scale, "imag/adv_std": jnp.std(adv)})
     return total, (retnorm, metrics)
+
+
+def _replay_value_loss(wm: WorldModel, critic: Critic, state: AgentState, batch: Mapping[str, Array],
+                       post: State, boot: Float[Array, "b t"], gamma: float) -> Float[Array, ""]:
+    """Critic loss on the replayed sequences themselves (DreamerV3 2024, "repval").
+
+    Targets are lambda returns over the real rewards, bootstrapped from the imagined return `boot`
+    of each replayed step; the recursion stops at episode ends (`is_last`) and the bootstrap at
+    terminal steps.
+    """
+    ac = state.config.actor_critic
+    pfeat = sg(wm.dynamics.policy_features(post))
+    reward = batch["reward"].astype(jnp.float32)
+    term = batch["is_terminal"].astype(jnp.float32)
+    last = batch["is_last"].astype(jnp.float32)
+    ret = lambda_return(reward[:, 1:], gamma * (1.0 - term[:, 1:]), boot[:, 1:], ac.lam * (1.0 - last[:, 1:]))
+    values = critic(pfeat[:, :-1])
+    slow_value = sg(state.slow_critic(pfeat[:, :-1]).mean())
+    loss = -(values.log_prob(sg(ret)) + ac.slow_reg * values.log_prob(slow_value))
+    return jnp.mean((1.0 - last[:, :-1]) * loss)
 
 
 def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray) -> tuple[AgentState, dict[str, Array]]:
