@@ -120,8 +120,7 @@ def return_norm_init() -> ReturnNormState:
 def return_norm_update(state: ReturnNormState, returns: Array, config: ActorCriticConfig) -> ReturnNormState:
     """Move the percentile EMAs towards this batch's P`low` and P`high` of `returns`."""
     r = config.retnorm_rate
-    low = jnp.percentile(returns, config.retnorm_low)
-    high = jnp.percentile(returns, config.retnorm_high)
+    low, high = jnp.percentile(returns, jnp.array([config.retnorm_low, config.retnorm_high]))
     return ReturnNormState((1 - r) * state.low + r * low, (1 - r) * state.high + r * high,
                            (1 - r) * state.correction + r)
 

@@ -61,6 +61,8 @@ class RSSM(SequenceModel):
 
     def __init__(self, config: RSSMConfig, embed_dim: int, action_dim: int, *, key: PRNGKeyArray):
         c = config
+        if c.obs_layers < 1:
+            raise ValueError("RSSM obs_layers must be >= 1 (the posterior reads [deter, embed] through an MLP)")
         if c.deter % c.blocks:
             raise ValueError(f"RSSM deter={c.deter} must be divisible by blocks={c.blocks}")
         self.config = c
@@ -84,13 +86,29 @@ class RSSM(SequenceModel):
         logits = logits.reshape(*logits.shape[:-1], self.config.stoch, self.config.classes)
         return OneHotCategorical.from_logits(logits, self.config.unimix, event_dims=2)
 
-    def _gru(self, deter: Array, stoch: Array, action: Array) -> Array:
+    def _action_input(self, action: Array) -> Array:
+        """The GRU's action branch. It does not depend on the recurrent state, so `observe` computes it
+        for a whole sequence at once instead of inside the scan."""
+        return self.in_action(action / sg(jnp.maximum(1.0, jnp.abs(action))))
+
+    def _embed_input(self, embed: Array) -> Array:
+        """The embedding's share of the posterior's first layer (its input is [deter, embed]); like
+        `_action_input`, computed for a whole sequence at once by `observe`."""
+        return embed @ self.post_net.blocks[0].linear.weight[self.config.deter:]
+
+    def _posterior_logits(self, deter: Array, embed_input: Array) -> Array:
+        first, *rest = self.post_net.blocks
+        x = deter @ first.linear.weight[:self.config.deter] + embed_input + first.linear.bias
+        x = jax.nn.silu(first.norm(x))
+        for block in rest:
+            x = block(x)
+        return self._dist(self.post_out(x)).logits
+
+    def _gru(self, deter: Array, stoch: Array, action_input: Array) -> Array:
         c = self.config
         g, per_group = c.blocks, c.deter // c.blocks
         batch = deter.shape[:-1]
-        action = action / sg(jnp.maximum(1.0, jnp.abs(action)))
-        x = jnp.concatenate([self.in_deter(deter), self.in_stoch(stoch.reshape(*batch, -1)),
-                             self.in_action(action)], -1)
+        x = jnp.concatenate([self.in_deter(deter), self.in_stoch(stoch.reshape(*batch, -1)), action_input], -1)
         x = x.reshape(-1, x.shape[-1])
         # Work group-major ([G, N, deter / G]): each group's matmul is then one contiguous batched
         # matmul and the gate nonlinearities read contiguous memory (about 2x faster on CPU than
@@ -121,18 +139,22 @@ class RSSM(SequenceModel):
         return RSSMState(jnp.zeros((batch_size, c.deter)), zeros, zeros)
 
     def img_step(self, state: RSSMState, action: Float[Array, "b a"], key: PRNGKeyArray) -> RSSMState:
-        deter = self._gru(state.deter, state.stoch, action)
+        deter = self._gru(state.deter, state.stoch, self._action_input(action))
         logits = self._prior_logits(deter)
         stoch = OneHotCategorical(logits, 2).sample(key)
         return RSSMState(deter, stoch, logits)
 
     def obs_step(self, state: RSSMState, embed: Float[Array, "b e"], action: Float[Array, "b a"],
                  is_first: Bool[Array, " b"], key: PRNGKeyArray) -> tuple[RSSMState, RSSMState]:
-        state = _reset(state, self.initial(is_first.shape[0]), is_first)
         action = jnp.where(is_first[:, None], 0.0, action)
-        deter = self._gru(state.deter, state.stoch, action)
+        return self._obs_step(state, self._embed_input(embed), self._action_input(action), is_first, key)
+
+    def _obs_step(self, state: RSSMState, embed_input: Array, action_input: Array, is_first: Array,
+                  key: PRNGKeyArray) -> tuple[RSSMState, RSSMState]:
+        state = _reset(state, self.initial(is_first.shape[0]), is_first)
+        deter = self._gru(state.deter, state.stoch, action_input)
         prior_logits = self._prior_logits(deter)
-        post_logits = self._dist(self.post_out(self.post_net(jnp.concatenate([deter, embed], -1)))).logits
+        post_logits = self._posterior_logits(deter, embed_input)
         stoch = OneHotCategorical(post_logits, 2).sample(key)
         # The prior's sample is never used for training, so it is not drawn; its stoch slot holds
         # the posterior sample to keep both states the same PyTree.
@@ -141,14 +163,16 @@ class RSSM(SequenceModel):
     def observe(self, state: RSSMState, embed: Float[Array, "b t e"], action: Float[Array, "b t a"],
                 is_first: Bool[Array, "b t"], key: PRNGKeyArray) -> tuple[RSSMState, RSSMState]:
         keys = jax.random.split(key, embed.shape[1])
+        action = jnp.where(is_first[..., None], 0.0, action)
+        embed_input, action_input = self._embed_input(embed), self._action_input(action)
 
         def step(carry, inputs):
             e, a, f, k = inputs
-            post, prior = self.obs_step(carry, e, a, f, k)
+            post, prior = self._obs_step(carry, e, a, f, k)
             return post, (post, prior)
 
         swap = lambda x: jnp.swapaxes(x, 0, 1)
-        _, (post, prior) = jax.lax.scan(step, state, (swap(embed), swap(action), swap(is_first), keys))
+        _, (post, prior) = jax.lax.scan(step, state, (swap(embed_input), swap(action_input), swap(is_first), keys))
         return jax.tree.map(swap, post), jax.tree.map(swap, prior)
 
     def features(self, state: RSSMState) -> Float[Array, "... f"]:
