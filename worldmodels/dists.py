@@ -33,20 +33,28 @@ def symexp_bins(num: int = 255, limit: float = 20.0) -> Float[Array, " num"]:
     return jnp.concatenate([half, -half[:-1][::-1]])
 
 
-def twohot_encode(x: Float[Array, "..."], bins: Float[Array, " k"]) -> Float[Array, "... k"]:
-    """Spread each scalar over its two neighbouring bins so that the weighted bin average is `x`.
-
-    Values outside the bins' range go entirely to the nearest end bin.
-    """
+def _twohot_parts(x: Float[Array, "..."], bins: Float[Array, " k"]) -> tuple[Array, Array, Array, Array]:
+    """(index below, index above, weight below, weight above) of each scalar's two neighbouring bins."""
     k = bins.shape[0]
-    below = jnp.clip(jnp.sum(bins <= x[..., None], -1) - 1, 0, k - 1)
-    above = jnp.clip(k - jnp.sum(bins > x[..., None], -1), 0, k - 1)  # == below beyond either end
+    count = jnp.searchsorted(bins, x, side="right")  # number of bins <= x
+    below = jnp.clip(count - 1, 0, k - 1)
+    above = jnp.clip(count, 0, k - 1)  # == below beyond either end
     dist_below = jnp.abs(bins[below] - x)
     dist_above = jnp.abs(bins[above] - x)
     same = below == above
     total = jnp.where(same, 1.0, dist_below + dist_above)
     w_below = jnp.where(same, 1.0, dist_above / total)
     w_above = jnp.where(same, 0.0, dist_below / total)
+    return below, above, w_below, w_above
+
+
+def twohot_encode(x: Float[Array, "..."], bins: Float[Array, " k"]) -> Float[Array, "... k"]:
+    """Spread each scalar over its two neighbouring bins so that the weighted bin average is `x`.
+
+    Values outside the bins' range go entirely to the nearest end bin.
+    """
+    k = bins.shape[0]
+    below, above, w_below, w_above = _twohot_parts(x, bins)
     return jax.nn.one_hot(below, k) * w_below[..., None] + jax.nn.one_hot(above, k) * w_above[..., None]
 
 
@@ -68,8 +76,12 @@ class TwoHot(NamedTuple):
         return jnp.sum(diff * self.bins[m + 1:], -1)
 
     def log_prob(self, target: Float[Array, "..."]) -> Float[Array, "..."]:
-        """Twohot cross-entropy (as a log-likelihood) of a scalar target."""
-        return jnp.sum(sg(twohot_encode(target, self.bins)) * jax.nn.log_softmax(self.logits, -1), -1)
+        """Twohot cross-entropy (as a log-likelihood) of a scalar target: the log-probabilities of the
+        two neighbouring bins, weighted (gathered, without building the [..., k] twohot vector)."""
+        below, above, w_below, w_above = jax.tree.map(sg, _twohot_parts(target, self.bins))
+        logp = jax.nn.log_softmax(self.logits, -1)
+        take = lambda idx: jnp.take_along_axis(logp, idx[..., None], -1)[..., 0]
+        return w_below * take(below) + w_above * take(above)
 
 
 class OneHotCategorical(NamedTuple):
