@@ -18,6 +18,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import jax  # noqa: E402
 import tyro  # noqa: E402
 
 import envs  # noqa: E402
@@ -49,7 +50,17 @@ def parse(argv: list[str] | None = None) -> Config:
     return tyro.cli(Config, default=base, args=rest, description=description)
 
 
+def enable_compile_cache() -> None:
+    """Keep compiled programs on disk (WORLDMODELS_COMPILE_CACHE, default ~/.cache/worldmodels/xla;
+    set it to an empty string to switch the cache off): a resumed or repeated run skips most compiling."""
+    path = os.environ.get("WORLDMODELS_COMPILE_CACHE", os.path.expanduser("~/.cache/worldmodels/xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> dict:
+    enable_compile_cache()
     config = parse(argv)
     print(dumps(config))
     summary = loop.run(config, lambda seed: envs.make(config.run.env, seed=seed))
