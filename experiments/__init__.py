@@ -1,0 +1,1 @@
+"""Runnable scripts: training CLI, speed benchmark, learning curves and per-benchmark presets."""
