@@ -165,7 +165,9 @@ def run(config: Config, env_fn: EnvFn) -> dict[str, Any]:
         agent_template = {"agent": state, "carry": carry, "key": key}
         replay_template = {**replay.state_dict(), "loop/episode_return": episode_return,
                            "loop/episode_length": episode_length}
-        restored, replay_state, meta, blobs = ckpt.restore(agent_template, None)
+        # A first restore without the replay reads the metadata, which gives the shapes of the
+        # pending step needed for the replay's restore target.
+        _, _, meta, _ = ckpt.restore(agent_template, None)
         pending_keys = meta["pending_keys"]
         replay_template.update({f"pending/{k}": np.zeros(tuple(s), d) for k, (s, d) in pending_keys.items()})
         restored, replay_state, meta, blobs = ckpt.restore(agent_template, replay_template)
