@@ -18,8 +18,8 @@ def cartpole(seed):
 
 
 def debug_config(logdir, steps, **run):
-    config = make_config(["debug"], {"run.logdir": str(logdir), "run.steps": steps})
-    return loop.config_replace(config, **run)
+    return make_config(["debug"], {"run.logdir": str(logdir), "run.steps": steps,
+                                   **{f"run.{k}": v for k, v in run.items()}})
 
 
 def leaves_equal(a, b):

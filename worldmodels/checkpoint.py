@@ -353,6 +353,34 @@ class Checkpointer:
 
     # -- restore -----------------------------------------------------------
 
+    def _read_document(self, step: int | None) -> tuple[int, dict]:
+        """(the step, latest if None; its JSON document {"checkpointer": ..., "user": ...})."""
+        self._check_open()
+        self.wait()
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(
+                    f"No finalised checkpoint found in {self.directory}; "
+                    "nothing to restore (start a new run, or point to the right "
+                    "run directory)."
+                )
+            step = steps[-1]
+        step = int(step)
+        if step not in steps:
+            raise FileNotFoundError(
+                f"No finalised checkpoint for step {step} in {self.directory}; "
+                f"available steps: {steps or 'none'}."
+            )
+        document = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+        return step, document
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The user metadata of a checkpoint (latest if `step` is None), without reading any array."""
+        return self._read_document(step)[1]["user"]
+
     def restore(
         self,
         agent_template: Any,
@@ -372,27 +400,7 @@ class Checkpointer:
             FileNotFoundError: there is no (such) finalised checkpoint.
             CheckpointMismatchError: the templates do not match the checkpoint.
         """
-        self._check_open()
-        self.wait()
-        steps = self.all_steps()
-        if step is None:
-            if not steps:
-                raise FileNotFoundError(
-                    f"No finalised checkpoint found in {self.directory}; "
-                    "nothing to restore (start a new run, or point to the right "
-                    "run directory)."
-                )
-            step = steps[-1]
-        step = int(step)
-        if step not in steps:
-            raise FileNotFoundError(
-                f"No finalised checkpoint for step {step} in {self.directory}; "
-                f"available steps: {steps or 'none'}."
-            )
-
-        document = self._manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )["meta"]
+        step, document = self._read_document(step)
         info = document["checkpointer"]
         if info.get("format_version") != _FORMAT_VERSION:
             raise CheckpointMismatchError(

@@ -14,7 +14,6 @@ vector step returns the reset observation.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pickle
 import signal
@@ -40,7 +39,7 @@ EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
 
 
 class ConfigMismatchError(ValueError):
-    pass
+    """A run directory is being resumed with another agent or environment config."""
 
 
 def _make_vector_env(env_fn: EnvFn, config: Config) -> gym.vector.VectorEnv:
@@ -165,10 +164,8 @@ def run(config: Config, env_fn: EnvFn) -> dict[str, Any]:
         agent_template = {"agent": state, "carry": carry, "key": key}
         replay_template = {**replay.state_dict(), "loop/episode_return": episode_return,
                            "loop/episode_length": episode_length}
-        # A first restore without the replay reads the metadata, which gives the shapes of the
-        # pending step needed for the replay's restore target.
-        _, _, meta, _ = ckpt.restore(agent_template, None)
-        pending_keys = meta["pending_keys"]
+        # The metadata gives the shapes of the pending step, which the replay's restore target needs.
+        pending_keys = ckpt.read_meta()["pending_keys"]
         replay_template.update({f"pending/{k}": np.zeros(tuple(s), d) for k, (s, d) in pending_keys.items()})
         restored, replay_state, meta, blobs = ckpt.restore(agent_template, replay_template)
         state, carry, key = restored["agent"], restored["carry"], restored["key"]
@@ -305,8 +302,3 @@ def run(config: Config, env_fn: EnvFn) -> dict[str, Any]:
     return {"env_steps": counters["env_steps"], "updates": counters["updates"], "episodes": counters["episodes"],
             "recent_return": float(np.mean(recent)) if recent else None, "seconds": elapsed,
             "state": state}
-
-
-def config_replace(config: Config, **run_fields: Any) -> Config:
-    """`config` with some `run` fields replaced (convenience for scripts and tests)."""
-    return dataclasses.replace(config, run=dataclasses.replace(config.run, **run_fields))

@@ -14,9 +14,21 @@ import abc
 from typing import Any
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 State = Any  # a PyTree of arrays with leading batch axes
+
+
+def reset_where(state: State, initial: State, is_first: Bool[Array, " b"]) -> State:
+    """`initial` in the rows where `is_first`, `state` elsewhere (every leaf has a leading `[B]`)."""
+    return jax.tree.map(lambda x, x0: jnp.where(is_first.reshape(-1, *[1] * (x.ndim - 1)), x0, x), state, initial)
+
+
+def scale_action(action: Float[Array, "... a"]) -> Float[Array, "... a"]:
+    """Actions divided by max(1, |a|) (no gradient through the scale), as the reference feeds them in."""
+    return action / jax.lax.stop_gradient(jnp.maximum(1.0, jnp.abs(action)))
 
 
 class SequenceModel(eqx.Module):

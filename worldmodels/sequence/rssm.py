@@ -13,7 +13,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from worldmodels.dists import OneHotCategorical, sg
 from worldmodels.nn import MLP, BlockLinear, DenseBlock, Linear, Normalize
 from worldmodels.nn.layers import Norm
-from worldmodels.sequence.base import SequenceModel
+from worldmodels.sequence.base import SequenceModel, reset_where, scale_action
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,6 @@ class RSSMState(NamedTuple):
     deter: Float[Array, "... d"]
     stoch: Float[Array, "... s k"]
     logits: Float[Array, "... s k"]
-
-
-def _reset(state: RSSMState, initial: RSSMState, is_first: Bool[Array, " b"]) -> RSSMState:
-    return jax.tree.map(lambda x, x0: jnp.where(is_first.reshape(-1, *[1] * (x.ndim - 1)), x0, x), state, initial)
 
 
 class RSSM(SequenceModel):
@@ -89,7 +85,7 @@ class RSSM(SequenceModel):
     def _action_input(self, action: Array) -> Array:
         """The GRU's action branch. It does not depend on the recurrent state, so `observe` computes it
         for a whole sequence at once instead of inside the scan."""
-        return self.in_action(action / sg(jnp.maximum(1.0, jnp.abs(action))))
+        return self.in_action(scale_action(action))
 
     def _embed_input(self, embed: Array) -> Array:
         """The embedding's share of the posterior's first layer (its input is [deter, embed]); like
@@ -151,7 +147,7 @@ class RSSM(SequenceModel):
 
     def _obs_step(self, state: RSSMState, embed_input: Array, action_input: Array, is_first: Array,
                   key: PRNGKeyArray) -> tuple[RSSMState, RSSMState]:
-        state = _reset(state, self.initial(is_first.shape[0]), is_first)
+        state = reset_where(state, self.initial(is_first.shape[0]), is_first)
         deter = self._gru(state.deter, state.stoch, action_input)
         prior_logits = self._prior_logits(deter)
         post_logits = self._posterior_logits(deter, embed_input)

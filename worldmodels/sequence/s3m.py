@@ -19,7 +19,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from worldmodels.dists import OneHotCategorical
 from worldmodels.nn import MLP, DenseBlock, Linear, Normalize
 from worldmodels.nn.layers import Norm
-from worldmodels.sequence.base import SequenceModel
+from worldmodels.sequence.base import SequenceModel, reset_where, scale_action
 from worldmodels.sequence.rssm import categorical_kl_loss
 from worldmodels.sequence.ssm import SSM, Discretization, as_complex, as_pair
 
@@ -112,8 +112,7 @@ class S3M(SequenceModel):
         return self.init_hidden if self.config.learned_initial else jnp.zeros_like(self.init_hidden)
 
     def _inputs(self, stoch: Array, action: Array) -> Array:
-        action = action / jax.lax.stop_gradient(jnp.maximum(1.0, jnp.abs(action)))
-        return self.in_proj(jnp.concatenate([stoch.reshape(*stoch.shape[:-2], -1), action], -1))
+        return self.in_proj(jnp.concatenate([stoch.reshape(*stoch.shape[:-2], -1), scale_action(action)], -1))
 
     def _step(self, state: S3MState, action: Array) -> tuple[Array, Array]:
         """One recurrent step from `state` with the action into the next step: (h [B, D], hidden [B, L, P, 2])."""
@@ -133,11 +132,6 @@ class S3M(SequenceModel):
         return S3MState(jnp.zeros((batch_size, c.deter)), zeros, zeros,
                         jnp.broadcast_to(hidden, (batch_size, *hidden.shape)))
 
-    def _reset(self, state: S3MState, is_first: Bool[Array, " b"]) -> S3MState:
-        initial = self.initial(is_first.shape[0])
-        return jax.tree.map(lambda x, x0: jnp.where(is_first.reshape(-1, *[1] * (x.ndim - 1)), x0, x),
-                            state, initial)
-
     def img_step(self, state: S3MState, action: Float[Array, "b a"], key: PRNGKeyArray) -> S3MState:
         deter, hidden = self._step(state, action)
         logits = self._logits(self.prior_net, self.prior_out, deter)
@@ -145,7 +139,7 @@ class S3M(SequenceModel):
 
     def obs_step(self, state: S3MState, embed: Float[Array, "b e"], action: Float[Array, "b a"],
                  is_first: Bool[Array, " b"], key: PRNGKeyArray) -> tuple[S3MState, S3MState]:
-        state = self._reset(state, is_first)
+        state = reset_where(state, self.initial(is_first.shape[0]), is_first)
         action = jnp.where(is_first[:, None], 0.0, action)
         deter, hidden = self._step(state, action)
         prior_logits = self._logits(self.prior_net, self.prior_out, deter)
