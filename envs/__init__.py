@@ -5,6 +5,22 @@ Names are ``<family><sep><id>``:
 * ``gym:<gymnasium id>``, e.g. ``gym:CartPole-v1`` -> ``gymnasium.make(id, **kwargs)``.
 * ``bsuite/<bsuite id>``, e.g. ``bsuite/catch/0`` -> the bsuite dm_env behind
   `DmEnvToGymnasium`.
+* ``dmc/<domain>-<task>`` (proprio vectors) and ``dmc-vision/<domain>-<task>``
+  (64x64 images), e.g. ``dmc/walker-walk``: DeepMind Control, action repeat 2
+  (`envs.dmc`).
+* ``memory_maze/<9x9|11x11|13x13|15x15>``: Memory Maze through its dm_env API
+  (`envs.memory_maze_env`).
+* ``popgym/<Env>``, e.g. ``popgym/RepeatPreviousEasy`` -> ``popgym-<Env>-v0``
+  (`envs.popgym_env`).
+
+The same envs are registered with gymnasium under the ``worldmodels``
+namespace, with ``/`` in a name written as ``-``:
+``gymnasium.make("worldmodels/dmc-walker-walk")``,
+``gymnasium.make("worldmodels/dmc-vision-walker-walk")``,
+``gymnasium.make("worldmodels/memory_maze-9x9")``,
+``gymnasium.make("worldmodels/popgym-RepeatPreviousEasy")``; any name, e.g. a
+bsuite one, through ``gymnasium.make("worldmodels/make", name="bsuite/catch/0")``.
+Keyword arguments (``seed=`` included) go to `make`.
 
 New families register a builder in ``_REGISTRY``; `make` and `families` pick
 them up. This package imports nothing from ``worldmodels``.
@@ -123,10 +139,42 @@ def _make_bsuite(
     return env
 
 
+def _make_dmc(task_id: str, seed: int | None, **kwargs: Any) -> gymnasium.Env:
+    """``dmc/<domain>-<task>``: proprio DMC; kwargs go to `envs.dmc.make_dmc`."""
+    from envs.dmc import make_dmc
+
+    return make_dmc(task_id, seed, vision=False, **kwargs)
+
+
+def _make_dmc_vision(task_id: str, seed: int | None, **kwargs: Any) -> gymnasium.Env:
+    """``dmc-vision/<domain>-<task>``: 64x64 image DMC; kwargs go to `envs.dmc.make_dmc`."""
+    from envs.dmc import make_dmc
+
+    return make_dmc(task_id, seed, vision=True, **kwargs)
+
+
+def _make_memory_maze(size: str, seed: int | None, **kwargs: Any) -> gymnasium.Env:
+    """``memory_maze/<size>``; kwargs go to `envs.memory_maze_env.make_memory_maze`."""
+    from envs.memory_maze_env import make_memory_maze
+
+    return make_memory_maze(size, seed, **kwargs)
+
+
+def _make_popgym(env_id: str, seed: int | None, **kwargs: Any) -> gymnasium.Env:
+    """``popgym/<Env>``; kwargs go to `envs.popgym_env.make_popgym`."""
+    from envs.popgym_env import make_popgym
+
+    return make_popgym(env_id, seed, **kwargs)
+
+
 # prefix (including its separator) -> builder. Later families add entries here.
 _REGISTRY: dict[str, Builder] = {
     "gym:": _make_gym,
     "bsuite/": _make_bsuite,
+    "dmc/": _make_dmc,
+    "dmc-vision/": _make_dmc_vision,
+    "memory_maze/": _make_memory_maze,
+    "popgym/": _make_popgym,
 }
 
 
@@ -163,3 +211,36 @@ def make(name: str, seed: int | None = None, **kwargs: Any) -> gymnasium.Env:
         f"Unknown environment family in {name!r}. Valid families: {families()} "
         f"(e.g. 'gym:CartPole-v1', 'bsuite/catch/0')."
     )
+
+
+def _gymnasium_entry_point(name: str, **kwargs: Any) -> gymnasium.Env:
+    """What the ``worldmodels/...`` gymnasium ids build: ``make(name, **kwargs)``."""
+    return make(name, **kwargs)
+
+
+def gymnasium_names() -> dict[str, str]:
+    """Gymnasium id -> `make` name for every id registered under ``worldmodels/``.
+
+    ``worldmodels/make`` is absent: it takes the name as a keyword argument.
+    """
+    from envs.dmc import DMC_TASKS
+    from envs.memory_maze_env import MAZE_SIZES
+    from envs.popgym_env import POPGYM_ENVS
+
+    names = [f"dmc/{d}-{t}" for d, t in DMC_TASKS]
+    names += [f"dmc-vision/{d}-{t}" for d, t in DMC_TASKS]
+    names += [f"memory_maze/{size}" for size in MAZE_SIZES]
+    names += [f"popgym/{env_id}" for env_id in POPGYM_ENVS]
+    # gymnasium ids allow no '/' inside a name (it separates the namespace).
+    return {"worldmodels/" + name.replace("/", "-"): name for name in names}
+
+
+def _register_with_gymnasium() -> None:
+    """Register `gymnasium_names` and ``worldmodels/make``; imports no env package."""
+    entry_point = f"{__name__}:_gymnasium_entry_point"
+    for gym_id, name in gymnasium_names().items():
+        gymnasium.register(id=gym_id, entry_point=entry_point, kwargs={"name": name})
+    gymnasium.register(id="worldmodels/make", entry_point=entry_point)
+
+
+_register_with_gymnasium()
