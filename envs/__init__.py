@@ -193,7 +193,10 @@ def make(name: str, seed: int | None = None, **kwargs: Any) -> gymnasium.Env:
         ``reset(seed=)``; gym: applied at the first ``reset()``). None leaves
         each family's default.
       **kwargs: family-specific: forwarded to ``gymnasium.make`` for ``gym:``;
-        ``results_dir`` for ``bsuite/``.
+        ``results_dir`` for ``bsuite/``; ``action_repeat``, ``episode_length``,
+        ``size``, ``camera``, ``shadowsize`` for ``dmc/`` and ``dmc-vision/``
+        (`envs.dmc.make_dmc`); ``target_color``, ``action_repeat``,
+        ``episode_length`` for ``memory_maze/``; ``flatten`` for ``popgym/``.
 
     Returns:
       A `gymnasium.Env`.
