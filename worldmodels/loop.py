@@ -14,6 +14,7 @@ vector step returns the reset observation.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import signal
@@ -36,18 +37,30 @@ from worldmodels.logging import RunLogger
 from worldmodels.replay import ReplayBuffer
 
 EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
+# env factories (no arguments) -> a vector env in NEXT_STEP autoreset mode, e.g. envs.parallel.ParallelVectorEnv
+VectorEnvFn = Callable[[list[Callable[[], gym.Env]]], gym.vector.VectorEnv]
 
 
 class ConfigMismatchError(ValueError):
     """A run directory is being resumed with another agent or environment config."""
 
 
-def _make_vector_env(env_fn: EnvFn, config: Config) -> gym.vector.VectorEnv:
-    fns = [lambda i=i: env_fn(config.run.seed + i) for i in range(config.run.num_envs)]
+def _make_vector_env(env_fn: EnvFn, config: Config,
+                     parallel_vector_env: VectorEnvFn | None = None) -> gym.vector.VectorEnv:
+    # partial, not a closure over `config`: env processes unpickle the factories, and the config
+    # would import JAX in each of them.
+    fns = [functools.partial(env_fn, config.run.seed + i) for i in range(config.run.num_envs)]
     mode = gym.vector.AutoresetMode.NEXT_STEP
-    if config.run.parallel_envs:
+    if not config.run.parallel_envs:
+        return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+    if parallel_vector_env is None:
         return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+    envs = parallel_vector_env(fns)
+    if envs.metadata.get("autoreset_mode") != mode:
+        envs.close()
+        raise ValueError(f"the parallel vector env must autoreset in NEXT_STEP mode, not "
+                         f"{envs.metadata.get('autoreset_mode')!r}")
+    return envs
 
 
 def _check_resumable(logdir: Path, config: Config) -> None:
@@ -129,8 +142,13 @@ def evaluate(state: agent_lib.AgentState, env: gym.Env, episodes: int, key: jax.
     return results
 
 
-def run(config: Config, env_fn: EnvFn) -> dict[str, Any]:
+def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `config.run.logdir` until `config.run.steps` environment steps.
+
+    With `config.run.parallel_envs`, the envs run in processes: in `parallel_vector_env(factories)`
+    if given (e.g. `envs.parallel.ParallelVectorEnv`, which restarts crashed env processes and marks
+    them in ``info["restarted"]``: their episode is dropped and the next step starts a new one),
+    else in gymnasium's AsyncVectorEnv.
 
     **Returns:** a summary: env steps, updates, the returns of the last episodes, wall time.
     """
@@ -140,7 +158,7 @@ def run(config: Config, env_fn: EnvFn) -> dict[str, Any]:
     _check_resumable(logdir, config)
     (logdir / "config.json").write_text(dumps(config))
 
-    envs = _make_vector_env(env_fn, config)
+    envs = _make_vector_env(env_fn, config, parallel_vector_env)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     obs_spec = spaces.obs_spec(obs_space)
     act_spec = spaces.action_spec(act_space)
@@ -230,14 +248,16 @@ def run(config: Config, env_fn: EnvFn) -> dict[str, Any]:
                 action, carry = agent_lib.policy(state, carry, obs_in, k_act)
                 action = np.asarray(action)
                 done = pending["is_last"]
-                obs, reward, terminated, truncated, _ = envs.step(spaces.env_actions(act_space, action))
-                # envs that had finished were reset by this step (NEXT_STEP autoreset)
-                is_last = (terminated | truncated) & ~done
+                obs, reward, terminated, truncated, info = envs.step(spaces.env_actions(act_space, action))
+                # envs that had finished were reset by this step (NEXT_STEP autoreset); a restarted env
+                # process also starts a new episode here, and its unfinished one is dropped (not scored)
+                first = done | np.asarray(info.get("restarted", np.zeros(n, bool)), bool)
+                is_last = (terminated | truncated) & ~first
                 pending = {**spaces.batch_obs(obs_space, obs, n), "reward": np.asarray(reward, np.float32),
-                           "is_first": done.copy(), "is_last": is_last, "is_terminal": terminated & ~done,
-                           "action": np.where(done[:, None], 0.0, action).astype(np.float32)}
-                episode_return = np.where(done, 0.0, episode_return + pending["reward"])
-                episode_length = np.where(done, 0, episode_length + 1)
+                           "is_first": first, "is_last": is_last, "is_terminal": terminated & ~first,
+                           "action": np.where(first[:, None], 0.0, action).astype(np.float32)}
+                episode_return = np.where(first, 0.0, episode_return + pending["reward"])
+                episode_length = np.where(first, 0, episode_length + 1)
                 counters["env_steps"] += n
                 for i in np.flatnonzero(is_last):
                     counters["episodes"] += 1
