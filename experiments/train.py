@@ -11,6 +11,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -22,6 +23,7 @@ import jax  # noqa: E402
 import tyro  # noqa: E402
 
 import envs  # noqa: E402
+from envs.parallel import ParallelVectorEnv  # noqa: E402
 from experiments.presets import register as register_presets  # noqa: E402
 from worldmodels import loop  # noqa: E402
 from worldmodels.config import PRESETS, Config, dumps, make_config, override  # noqa: E402
@@ -63,7 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     enable_compile_cache()
     config = parse(argv)
     print(dumps(config))
-    summary = loop.run(config, lambda seed: envs.make(config.run.env, seed=seed))
+    # A partial of envs.make, not a closure over the config: env processes unpickle it.
+    env_fn = functools.partial(envs.make, config.run.env)
+    summary = loop.run(config, env_fn, parallel_vector_env=ParallelVectorEnv)
     summary.pop("state", None)
     print("summary:", summary)
     return summary
