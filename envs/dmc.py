@@ -140,6 +140,9 @@ class DmcObservation(dm_env.Environment):
 
     def close(self) -> None:
         self._env.close()
+        # control.Environment.close frees nothing; release the GL context and MuJoCo data now
+        # rather than at garbage collection (a seeded reset rebuilds the task).
+        self._physics.free()
 
 
 def make_dmc(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from typing import Any
 
 import dm_env
@@ -35,6 +36,17 @@ MAZE_SIZES: tuple[str, ...] = ("9x9", "11x11", "13x13", "15x15")
 EPISODE_STEPS: dict[str, int] = {"9x9": 1000, "11x11": 2000, "13x13": 3000, "15x15": 4000}
 
 
+class _DropNoFreeJointWarning(logging.Filter):
+    """Drop dm_control's "Cannot set velocity on Entity with no free joint." warning.
+
+    Memory Maze's rolling-ball walker has no free joint and its spawn code sets a velocity on
+    every reset, so the warning repeats for each episode and says nothing to act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Cannot set velocity on Entity with no free joint")
+
+
 def _import_tasks() -> Any:
     """``memory_maze.tasks``, with a clear error when its ``gym`` dependency is missing."""
     import importlib.util
@@ -45,6 +57,9 @@ def _import_tasks() -> Any:
             "with `pip install 'worldmodels[memory-maze]'` (gym==0.26.2).",
             name="gym",
         )
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropNoFreeJointWarning) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropNoFreeJointWarning())
     # gym prints a multi-line 'unmaintained' notice to stderr on import; it is not ours to act on.
     with contextlib.redirect_stderr(io.StringIO()):
         return import_mujoco_module("memory_maze.tasks", extra="memory-maze")
