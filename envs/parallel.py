@@ -178,6 +178,7 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
         self._conns: list[Connection | None] = [None] * self.num_envs
         self._seeds: list[int | None] = [None] * self.num_envs  # the last reset seed of each env
         self._failures_in_a_row = np.zeros(self.num_envs, np.int64)
+        self._broken: dict[int, str] = {}  # env index -> why its worker was stopped outside `step`/`reset`
         self.restarted = np.zeros(self.num_envs, bool)
         self.restart_counts = np.zeros(self.num_envs, np.int64)
         self.failures: list[tuple[int, str]] = []
@@ -347,8 +348,10 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
 
         **Returns:** per env ``("ok", answer)`` or ``("restarted", (first obs, reset info))``.
         """
-        failed: dict[int, str] = {}
+        failed, self._broken = self._broken, {}  # workers that failed in `call`: restart them now
         for i in range(self.num_envs):
+            if i in failed:
+                continue
             try:
                 self._send(i, *command(i))
             except _WorkerFailure as failure:
@@ -381,13 +384,34 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
         """Call method `name` of every env (or read attribute `name`); a tuple of the results.
 
         An exception in the env's method is raised here as `RuntimeError` (the worker is kept); a
-        crashed worker is not restarted by `call` (the next `step` does that).
+        worker that crashed or hung is stopped and the next `step` or `reset` restarts it.
         """
         self._check_open()
+        errors: dict[int, str] = {}
         for i in range(self.num_envs):
-            self._send(i, "call", (name, args, kwargs))
+            try:
+                self._send(i, "call", (name, args, kwargs))
+            except _WorkerFailure as failure:
+                errors[i] = f"env {i} failed: {failure}"
+                self._broken[i] = str(failure)
         deadline = self._deadline(self.step_timeout)
-        return tuple(self._receive(i, deadline, "call") for i in range(self.num_envs))
+        results = []
+        for i in range(self.num_envs):
+            if i in errors:
+                continue
+            try:  # every answer is read before raising, so that no pipe is left a step behind
+                results.append(self._receive(i, deadline, "call"))
+            except _WorkerFailure as failure:
+                errors[i] = f"env {i} failed: {failure}"
+                self._broken[i] = str(failure)
+            except RuntimeError as error:  # the env's own exception; the worker is fine
+                errors[i] = str(error)
+        for i in self._broken:
+            self._stop(i)  # a hung worker could still answer late, out of step with the next command
+        if errors:
+            raise RuntimeError(f"call({name!r}): {'; '.join(errors.values())} (a failed env is restarted by "
+                               "the next step or reset)")
+        return tuple(results)
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
         """Attribute `name` of every env."""

@@ -168,3 +168,23 @@ def test_loop_survives_a_crashed_env_process_and_drops_its_episode(tmp_path):
     # vector steps 12, 25, ..., 129: 10. Env 1 ends its first at 12, its second is dropped at 19 (the
     # restart's first step), the next ones end at 31, 44, ..., 122: 9.
     assert len(train) == 10 + 9
+
+
+def test_call_reads_attributes_and_reports_errors():
+    envs = ParallelVectorEnv([functools.partial(make_env, max_steps=5 + i) for i in range(2)])
+    try:
+        assert envs.get_attr("max_steps") == (5, 6)
+        with pytest.raises(RuntimeError, match="env 0: AttributeError"):
+            envs.call("no_such_method")
+        assert envs.call("max_steps") == (5, 6)  # the workers survived the error
+        envs.reset(seed=0)
+        with pytest.raises(RuntimeError, match="env 0 failed: the process exited with code 4"):
+            envs.call("exit", 4)
+        with pytest.warns(EnvCrashWarning) as record:
+            obs, _, _, _, info = envs.step(np.array([0, 0]))
+        assert sorted(str(w.message).split(";")[0] for w in record) == [
+            f"env {i} crashed: the process exited with code 4" for i in (0, 1)]
+        np.testing.assert_array_equal(info["restarted"], [True, True])
+        assert envs.get_attr("max_steps") == (5, 6)  # rebuilt from their factories
+    finally:
+        envs.close()
