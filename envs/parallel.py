@@ -272,8 +272,10 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
                 self.close()
                 raise RuntimeError(f"env {i} failed {self.max_restarts_in_a_row + 1} times in a row, last: "
                                    f"{cause}. Fix the env or its factory (restarting does not help).")
-            warnings.warn(f"env {i} crashed: {cause}; restarting it in a new process and dropping its "
-                          "episode", EnvCrashWarning, stacklevel=4)
+            # The count keeps each message distinct: Python shows a repeated warning only once.
+            warnings.warn(f"env {i} crashed: {cause}; restarting it in a new process (restart "
+                          f"{self.restart_counts[i]} of this env) and dropping its episode", EnvCrashWarning,
+                          stacklevel=4)
             self._stop(i)
             # A restarted env must not replay the episode it started with: give it a new seed.
             base = self._seeds[i]
@@ -281,7 +283,11 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
             deadline = self._deadline(self.reset_timeout)
             try:
                 self._start(i)
-                self._receive(i, deadline, "make")
+                obs_space, act_space, _ = self._receive(i, deadline, "make")
+                if (obs_space, act_space) != (self.single_observation_space, self.single_action_space):
+                    self.close()
+                    raise ValueError(f"env {i} was rebuilt with spaces {obs_space}, {act_space}, not "
+                                     f"{self.single_observation_space}, {self.single_action_space}")
                 self._send(i, "reset", {"seed": seed, "options": None})
                 return self._receive(i, deadline, "reset")
             except _WorkerFailure as failure:
