@@ -15,9 +15,8 @@ import functools
 import os
 import sys
 
-# Hide the accelerator probe warnings on CPU-only machines, and MuJoCo must know its renderer first.
+# Hide the accelerator probe warnings on CPU-only machines. (`envs` picks MuJoCo's renderer itself.)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-os.environ.setdefault("MUJOCO_GL", "egl")
 
 import jax  # noqa: E402
 import tyro  # noqa: E402

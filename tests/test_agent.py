@@ -104,3 +104,28 @@ def test_first_predictions_are_exactly_zero():
 def test_unsupported_image_size_is_a_clear_error():
     with pytest.raises(ValueError, match="power of two"):
         tiny_agent(obs_spec={"image": ((12, 12, 3), "uint8")})
+
+
+def test_actor_and_critic_learning_rates_scale_their_updates_only():
+    """Halving actor_lr / quartering critic_lr scales those updates exactly, and leaves the world model's."""
+    import equinox as eqx
+
+    def deltas(**lrs):
+        config = make_config(["debug"], {"agent.optim.lr": 1e-3, **{f"agent.optim.{k}": v for k, v in lrs.items()}})
+        state = agent_lib.init(config.agent, OBS_SPEC, agent_lib.ActionSpec(2, True), jax.random.PRNGKey(0))
+        before = agent_lib.copy_state(state)
+        after, _ = agent_lib.train(state, sine_batch(), jax.random.PRNGKey(1))
+        diff = lambda a, b: [np.asarray(x) - np.asarray(y) for x, y in
+                             zip(jax.tree.leaves(eqx.filter(a, eqx.is_array)), jax.tree.leaves(eqx.filter(b, eqx.is_array)))]
+        return (diff(after.world_model, before.world_model), diff(after.actor, before.actor),
+                diff(after.critic, before.critic))
+
+    wm, actor, critic = deltas()
+    wm2, actor2, critic2 = deltas(actor_lr=5e-4, critic_lr=2.5e-4)
+    assert any(np.abs(d).max() > 0 for d in actor) and any(np.abs(d).max() > 0 for d in critic)
+    for a, b in zip(wm, wm2):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(actor, actor2):
+        np.testing.assert_allclose(b, 0.5 * a, rtol=1e-4, atol=2e-7)  # float32 rounding of (param + update) - param
+    for a, b in zip(critic, critic2):
+        np.testing.assert_allclose(b, 0.25 * a, rtol=1e-4, atol=2e-7)  # float32 rounding of (param + update) - param

@@ -203,6 +203,7 @@ def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray) -> 
     grad_fn = eqx.filter_value_and_grad(_losses, has_aux=True)
     (loss, (retnorm, metrics)), grads = grad_fn(state.params, state, batch, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = _scale_group_updates(updates, state.config.optim)
     wm, actor, critic = eqx.apply_updates(state.params, updates)
     rate = state.config.actor_critic.slow_rate
     slow = jax.tree.map(lambda s, c: (1 - rate) * s + rate * c, state.slow_critic, critic)
@@ -211,6 +212,13 @@ def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray) -> 
     new = eqx.tree_at(lambda s: (s.world_model, s.actor, s.critic, s.slow_critic, s.opt_state, s.retnorm, s.step),
                       state, (wm, actor, critic, slow, opt_state, retnorm, state.step + 1))
     return new, metrics
+
+
+def _scale_group_updates(updates: tuple, config: OptimConfig) -> tuple:
+    """(world model, actor, critic) updates, the last two rescaled to their own learning rates."""
+    wm, actor, critic = updates
+    scale = lambda tree, lr: tree if lr is None else jax.tree.map(lambda u: u * (lr / config.lr), tree)
+    return wm, scale(actor, config.actor_lr), scale(critic, config.critic_lr)
 
 
 # Every leaf of AgentState is an array (static parts live in the tree structure), so plain jax.jit

@@ -19,6 +19,10 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-20
     weight_decay: float = 0.0  # decoupled; never applied to SSM parameters (their own group, as in R2I)
+    # Learning rates of the actor and the critic; None = `lr` (2024: one rate). The 2023 variant used
+    # separate ones (model 1e-4, actor and critic 3e-5); the agent scales those groups' updates.
+    actor_lr: float | None = None
+    critic_lr: float | None = None
 
 
 def clip_by_agc(clip: float, pmin: float) -> optax.GradientTransformation:
