@@ -28,6 +28,7 @@ them up. This package imports nothing from ``worldmodels``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -74,29 +75,31 @@ def _make_gym(env_id: str, seed: int | None, **kwargs: Any) -> gymnasium.Env:
     return env
 
 
+def _load_bsuite(experiment: str, settings: dict[str, Any], takes_seed: bool, seed: int | None) -> Any:
+    kwargs = dict(settings)
+    if seed is not None and takes_seed and kwargs.get("seed") is None:
+        kwargs["seed"] = seed
+    from bsuite.bsuite import load
+
+    # bsuite.load rather than load_from_id: same env, without its banner print.
+    return load(experiment, kwargs)
+
+
 def _bsuite_factory(bsuite_id: str) -> Callable[[int | None], Any]:
     """seed -> bsuite dm_env for `bsuite_id`.
 
     bsuite ids fix the problem instance (``mapping_seed``, sizes, ...). Their
     ``seed`` setting, which drives per-episode randomness, is None or absent, so
-    a given seed overrides it; seed None keeps bsuite's own default.
+    a given seed overrides it; seed None keeps bsuite's own default. A partial of
+    a module-level function, not a closure, so the env pickles (exact resume).
     """
     from bsuite import sweep
-    from bsuite.bsuite import EXPERIMENT_NAME_TO_ENVIRONMENT, load
+    from bsuite.bsuite import EXPERIMENT_NAME_TO_ENVIRONMENT
 
     experiment, _ = bsuite_id.split(sweep.SEPARATOR)
-    settings = dict(sweep.SETTINGS[bsuite_id])
     loader = EXPERIMENT_NAME_TO_ENVIRONMENT[experiment]
     takes_seed = "seed" in inspect.signature(loader).parameters
-
-    def factory(seed: int | None) -> Any:
-        kwargs = dict(settings)
-        if seed is not None and takes_seed and kwargs.get("seed") is None:
-            kwargs["seed"] = seed
-        # bsuite.load rather than load_from_id: same env, without its banner print.
-        return load(experiment, kwargs)
-
-    return factory
+    return functools.partial(_load_bsuite, experiment, dict(sweep.SETTINGS[bsuite_id]), takes_seed)
 
 
 def _make_bsuite(
