@@ -40,6 +40,23 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert scores(tmp_path / "a") == scores(tmp_path / "b") and len(scores(tmp_path / "a")) > 3
 
 
+class _UnpicklableOnLoad(gym.Wrapper):
+    """Pickles, but fails to unpickle (as bsuite's CSV-recording wrapper does)."""
+
+    def __setstate__(self, state):
+        raise RecursionError("cannot rebuild")
+
+
+def test_resume_with_envs_that_fail_to_unpickle_restarts_their_episodes(tmp_path):
+    env_fn = lambda seed: _UnpicklableOnLoad(cartpole(seed))
+    loop.run(debug_config(tmp_path, 100), env_fn)
+    with pytest.warns(UserWarning, match="could not be unpickled"):
+        resumed = loop.run(debug_config(tmp_path, 200), env_fn)
+    assert resumed["env_steps"] == 200
+    steps = [r["env_step"] for r in map(json.loads, (tmp_path / "scores.jsonl").open())]
+    assert steps == sorted(steps) and steps[-1] > 100
+
+
 def test_run_writes_logs_and_checkpoints(tmp_path):
     config = debug_config(tmp_path, 300, num_envs=2, eval_every=200, eval_episodes=1, log_every=100)
     summary = loop.run(config, cartpole)

@@ -192,11 +192,19 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         episode_return, episode_length = replay_state["loop/episode_return"], replay_state["loop/episode_length"]
         counters = meta["counters"]
         rng.bit_generator.state = meta["rng"]
+        saved_envs = None
         if "envs" in blobs and not rc.parallel_envs:
-            _set_env_state(envs, pickle.loads(blobs["envs"]))
+            try:
+                saved_envs = pickle.loads(blobs["envs"])
+            except Exception as e:  # e.g. wrappers that forward attribute lookups before they are set up
+                warnings.warn(f"the saved environments could not be unpickled ({e!r}): they restart with new "
+                              "episodes")
+        if saved_envs is not None:
+            _set_env_state(envs, saved_envs)
         else:
-            warnings.warn("environment state was not saved with the checkpoint (not picklable): the envs "
-                          "restart with new episodes")
+            if "envs" not in blobs:
+                warnings.warn("environment state was not saved with the checkpoint (not picklable): the "
+                              "envs restart with new episodes")
             pending = {}
         print(f"resumed from {logdir} at env step {counters['env_steps']} ({counters['updates']} updates)")
 
