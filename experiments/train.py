@@ -6,6 +6,7 @@ Examples:
     python -m experiments.train --preset size1m cartpole          # the default run: ~8 minutes on 2 CPU cores
     python -m experiments.train --env bsuite/catch/0 --preset catch
     python -m experiments.train --env gym:Pendulum-v1 --run.steps 50000 --run.logdir runs/pendulum
+    python -m experiments.train --env bsuite/catch/0 --preset catch --device-loop   # JAX env, one compiled loop
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ from worldmodels.config import PRESETS, Config, dumps, make_config, override  # 
 
 
 def parse(argv: list[str] | None = None) -> Config:
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str] | None = None) -> tuple[Config, bool]:
+    """The config and whether --device-loop was given."""
     register_presets()
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", nargs="+", default=[])
     pre.add_argument("--env", default=None)
     pre.add_argument("--model", default=None, choices=["rssm", "s3m"])
+    pre.add_argument("--device-loop", action="store_true")
     known, rest = pre.parse_known_args(argv)
     unknown = [p for p in known.preset if p not in PRESETS]
     if unknown:
@@ -47,8 +54,10 @@ def parse(argv: list[str] | None = None) -> Config:
         base = override(base, "agent.world_model.sequence.model", known.model)
     description = (f"{__doc__}\nPresets (--preset NAME [NAME ...]): {', '.join(sorted(PRESETS))}.\n"
                    "--env NAME is short for --run.env NAME; --model rssm|s3m for "
-                   "--agent.world_model.sequence.model.")
-    return tyro.cli(Config, default=base, args=rest, description=description)
+                   "--agent.world_model.sequence.model.\n--device-loop: run a bsuite env with a JAX-native "
+                   "version (envs.jax) in worldmodels.device_loop (env, policy, replay and training in one "
+                   "compiled lax.scan chunk).")
+    return tyro.cli(Config, default=base, args=rest, description=description), known.device_loop
 
 
 def enable_compile_cache() -> None:
@@ -62,8 +71,23 @@ def enable_compile_cache() -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     enable_compile_cache()
-    config = parse(argv)
+    config, device_loop = _parse(argv)
     print(dumps(config))
+    if device_loop:
+        import envs.jax as jenvs
+
+        if not config.run.env.startswith("bsuite/"):
+            raise SystemExit(f"error: --device-loop needs a bsuite env with a JAX-native version "
+                             f"(bsuite/<id> of {', '.join(jenvs.experiments())}); {config.run.env!r} has no JAX-native "
+                             "version: drop --device-loop to use the host loop")
+        try:
+            env, env_params = jenvs.make(config.run.env)
+        except ValueError as e:
+            raise SystemExit(f"error: --device-loop: {e}") from None
+        summary = loop.run_on_device(config, env, env_params)
+        summary.pop("state", None), summary.pop("replay", None)
+        print("summary:", summary)
+        return summary
     # A partial of envs.make, not a closure over the config: env processes unpickle it.
     env_fn = functools.partial(envs.make, config.run.env)
     summary = loop.run(config, env_fn, parallel_vector_env=ParallelVectorEnv)

@@ -330,3 +330,4 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     return {"env_steps": counters["env_steps"], "updates": counters["updates"], "episodes": counters["episodes"],
             "recent_return": float(np.mean(recent)) if recent else None, "seconds": elapsed,
             "state": state}
+from worldmodels.device_loop import run_on_device  # noqa: E402,F401  (the device loop for JAX envs)
