@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 import warnings
+import contextlib
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from multiprocessing.connection import Connection
@@ -108,16 +109,12 @@ def _worker(conn: Connection, env_fn_bytes: bytes) -> None:
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         pass  # the parent went away: nothing to report to
     except Exception as exc:
-        try:
+        with contextlib.suppress(Exception):  # best effort: the pipe may be broken too
             conn.send(("error", f"{_describe_exception(exc)} in {command}"))
-        except Exception:
-            pass
     finally:
         if env is not None:
-            try:
+            with contextlib.suppress(Exception):  # a crashed env may fail to close; the process ends anyway
                 env.close()
-            except Exception:
-                pass
         conn.close()
 
 
@@ -432,10 +429,8 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
         for i in range(self.num_envs):
             conn = self._conns[i]
             if conn is not None:
-                try:
+                with contextlib.suppress(Exception):  # a dead worker cannot be asked; it is killed below
                     conn.send(("close", None))
-                except Exception:
-                    pass
         deadline = time.monotonic() + 10.0
         for i in range(self.num_envs):
             process = self._processes[i]
