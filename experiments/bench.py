@@ -11,6 +11,11 @@ steps), policy step for 1 and 16 envs, and the process's peak RSS.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax is imported (see experiments/hugepages.py)
+    from experiments.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+
 import argparse
 import os
 import resource
@@ -21,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import hugepages  # noqa: E402
 from worldmodels import agent as agent_lib  # noqa: E402
 from worldmodels.config import make_config  # noqa: E402
 
@@ -43,6 +49,11 @@ def random_batch(spec, action_dim: int, b: int, t: int, seed: int = 0) -> dict[s
                   "reward": rng.normal(size=(b, t)).astype(np.float32), "is_first": is_first,
                   "is_last": np.zeros((b, t), bool), "is_terminal": np.zeros((b, t), bool)})
     return batch
+
+
+def huge_pages() -> str:
+    on = hugepages.TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+    return f"malloc huge pages {'on' if on else 'off (WORLDMODELS_HUGEPAGES=0 or not Linux)'}"
 
 
 def peak_rss_mib() -> float:
@@ -155,11 +166,12 @@ def main() -> None:
     parser.add_argument("--total", type=int, default=4096, help="B x T of the sweep")
     args = parser.parse_args()
     if args.sweep:
-        print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32")
+        print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32; {huge_pages()}")
         sweep(args.lengths, args.total, args.repeats)
         print(f"peak RSS: {peak_rss_mib():.0f} MiB")
         return
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch} x {args.seq}; float32")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch} x {args.seq}; float32; "
+          f"{huge_pages()}")
     print(f"{'case':<15}{'params':>12}{'init s':>9}{'compile s':>11}{'start-up s':>12}{'ms/step':>10}")
     first_state = None
     for name in args.cases:

@@ -12,6 +12,11 @@ the resets of episodes that end inside the measured time. The policy is compiled
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax is imported (see experiments/hugepages.py)
+    from experiments.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+
 import argparse
 import os
 import time

@@ -24,6 +24,11 @@ Examples:
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax is imported (see experiments/hugepages.py)
+    from experiments.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+
 import argparse
 import functools
 import json
