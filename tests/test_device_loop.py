@@ -12,6 +12,7 @@ import envs.jax as jenvs
 from experiments import train as train_cli
 from worldmodels import device_loop as dl
 from worldmodels import loop
+from worldmodels import replay as replay_lib
 from worldmodels.config import make_config
 
 
@@ -68,11 +69,11 @@ def test_stored_steps_follow_the_host_step_convention(tmp_path, name):
 
 def test_sampled_windows_read_only_written_steps_in_order():
     num_envs, capacity, seq_len = 2, 8, 3
-    replay = dl.replay_init({"x": ((), "int32")}, num_envs, capacity)
-    sample = jax.jit(lambda r, k: dl.replay_sample(r, 512, seq_len, k)["x"])
+    replay = replay_lib.replay_init({"x": ((), "int32")}, num_envs, capacity)
+    sample = jax.jit(lambda r, k: replay_lib.replay_sample(r, 512, seq_len, k)["x"])
     for written in range(1, 20):
         # env e's step number w (counting from 1) is stored as 1000 * e + w; unwritten slots stay 0
-        replay = dl.replay_add(replay, {"x": jnp.array([w * 1000 + written for w in range(num_envs)])})
+        replay = replay_lib.replay_add(replay, {"x": jnp.array([w * 1000 + written for w in range(num_envs)])})
         if written < seq_len:
             continue
         x = np.asarray(sample(replay, jax.random.PRNGKey(written)))
@@ -112,8 +113,42 @@ def test_short_training_run_compiles_once_and_writes_logs(tmp_path):
     assert len(scores) == summary["episodes"] >= 256 // 10
     assert all(s["length"] == 9 and s["return"] in (-1.0, 1.0) for s in scores)  # catch: 9 steps, +-1
     assert [s["env_step"] for s in scores] == sorted(s["env_step"] for s in scores)
-    with pytest.raises(ValueError, match="cannot resume"):
-        loop.run_on_device(config, env, params)
+
+
+def test_resumed_run_equals_uninterrupted_run_and_evaluation_leaves_training_alone(tmp_path):
+    env, params = jenvs.make("catch/0")
+    common = {"train_ratio": 16.0, "checkpoint_every": 64}
+    # A: 256 steps in one go, with greedy evaluations; B: 128 steps, stopped, resumed to 256, no evaluation.
+    a = loop.run_on_device(debug_config(tmp_path / "a", steps=256, eval_every=128, eval_episodes=3, **common),
+                           env, params, chunk_env_steps=64)
+    first = loop.run_on_device(debug_config(tmp_path / "b", steps=128, **common), env, params, chunk_env_steps=64)
+    assert first["env_steps"] == 128
+    b = loop.run_on_device(debug_config(tmp_path / "b", steps=256, **common), env, params, chunk_env_steps=64)
+    assert (tmp_path / "b" / "checkpoints" / "256").is_dir()
+    assert a["env_steps"] == b["env_steps"] == 256 and a["updates"] == b["updates"] > 0
+    for x, y in zip(jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a["replay"]), jax.tree.leaves(b["replay"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    read = lambda run: [{k: v for k, v in json.loads(line).items() if k != "time"}
+                        for line in (tmp_path / run / "scores.jsonl").open()]
+    scores_a, scores_b = read("a"), read("b")
+    assert [s for s in scores_a if s["mode"] == "train"] == scores_b
+    evals = [s for s in scores_a if s["mode"] == "eval"]
+    assert [s["env_step"] for s in evals] == [128] * 3 + [256] * 3
+    assert all(s["length"] == 9 and s["return"] in (-1.0, 1.0) for s in evals)  # whole catch episodes
+
+
+def test_evaluate_runs_each_episode_once_to_its_end():
+    env, params = jenvs.make("memory_len/4")  # memory length 5: 6-step episodes, reward at the last step
+    device = dl.DeviceLoop(debug_config("unused"), env, params)
+    agent = device.init(jax.random.PRNGKey(0), params).agent
+    returns, lengths = device.evaluate(agent, params, jax.random.PRNGKey(1), episodes=7)
+    assert lengths.tolist() == [6] * 7 and set(returns.tolist()) <= {-1.0, 1.0}
+    again = device.evaluate(agent, params, jax.random.PRNGKey(1), episodes=7)
+    np.testing.assert_array_equal(returns, again[0])  # the key decides everything
+    returns, lengths = device.evaluate(agent, params, jax.random.PRNGKey(1), episodes=2, max_steps=3)
+    assert lengths.tolist() == [3, 3] and returns.tolist() == [0.0, 0.0]  # cut off before the reward
 
 
 def test_cli_device_loop(tmp_path):

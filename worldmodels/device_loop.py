@@ -21,7 +21,7 @@ per env step) S = round(B*T / (R*N)) vector steps per update when that is >= 1, 
 K = round(R*N / (B*T)) updates per vector step. train_ratio <= 0 means no training (env + policy).
 The effective ratio B*T*K / (S*N) is reported, since the rounding can move it.
 
-Not yet: checkpoints / resume, evaluation episodes.
+Checkpoints hold the whole carry (env states included), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import collections
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,8 +40,10 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from worldmodels import agent as agent_lib
 from worldmodels.agent import ActionSpec, AgentState, PolicyCarry
-from worldmodels.config import Config, dumps
+from worldmodels.checkpoint import Checkpointer
+from worldmodels.config import Config, dumps, to_dict
 from worldmodels.logging import RunLogger
+from worldmodels.replay import DeviceReplay, replay_add, replay_init, replay_sample, replay_stored
 
 # How often the chunk has been traced (compiled); tests check it stays at one per DeviceLoop.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -48,66 +51,6 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 # The policy's un-jitted inner function: a jitted wrapper called inside a trace would only inline,
 # but going through equinox's filter_jit there costs tracing time for nothing.
 _policy = agent_lib.policy.__wrapped__
-
-StepSpec = Mapping[str, tuple[tuple[int, ...], str]]
-
-
-# --------------------------------------------------------------------------- device replay
-
-class DeviceReplay(NamedTuple):
-    """A FIFO ring buffer of JAX arrays per env stream (a PyTree, carried through the scan).
-
-    - `data`: key -> `[N, C, *shape]` (N env streams, C steps each).
-    - `written`: int32 scalar, steps ever written per env stream (the same for every stream); the
-      next write goes to slot `written % C`.
-    """
-
-    data: dict[str, Array]
-    written: Int[Array, ""]
-
-
-def replay_init(spec: StepSpec, num_envs: int, capacity_per_env: int) -> DeviceReplay:
-    """An empty replay: zeros of `[num_envs, capacity_per_env, *shape]` per key of `spec`."""
-    if num_envs < 1 or capacity_per_env < 1:
-        raise ValueError(f"device replay needs num_envs >= 1 and capacity_per_env >= 1, got {num_envs}, "
-                         f"{capacity_per_env}")
-    data = {k: jnp.zeros((num_envs, capacity_per_env, *shape), dtype) for k, (shape, dtype) in spec.items()}
-    return DeviceReplay(data, jnp.zeros((), jnp.int32))
-
-
-def replay_add(replay: DeviceReplay, step: Mapping[str, Array]) -> DeviceReplay:
-    """Write one step (key -> `[N, *shape]`) to every env stream, overwriting the oldest when full."""
-    capacity = next(iter(replay.data.values())).shape[1]
-    slot = replay.written % capacity
-    data = {k: v.at[:, slot].set(jnp.asarray(step[k], v.dtype)) for k, v in replay.data.items()}
-    return DeviceReplay(data, replay.written + 1)
-
-
-def replay_stored(replay: DeviceReplay) -> Int[Array, ""]:
-    """Steps currently stored per env stream."""
-    capacity = next(iter(replay.data.values())).shape[1]
-    return jnp.minimum(replay.written, capacity)
-
-
-def replay_sample(replay: DeviceReplay, batch_size: int, seq_len: int, key: PRNGKeyArray) -> dict[str, Array]:
-    """`batch_size` windows of `seq_len` consecutive steps, uniform over all valid windows.
-
-    As the host `ReplayBuffer.sample`: a window lies inside one env stream, in written order, never
-    touches an unwritten slot or jumps across the write pointer; it may cross episode boundaries.
-    Only meaningful when `replay_stored(replay) >= seq_len` (the caller checks; under jit it cannot
-    raise), otherwise windows repeat the stored steps' slots.
-
-    **Returns:** key -> `[B, T, *shape]`.
-    """
-    num_envs, capacity = next(iter(replay.data.values())).shape[:2]
-    stored = replay_stored(replay)
-    starts_per_env = jnp.maximum(stored - seq_len + 1, 1)
-    flat = jax.random.randint(key, (batch_size,), 0, num_envs * starts_per_env)
-    env, start = flat // starts_per_env, flat % starts_per_env
-    oldest = (replay.written - stored) % capacity  # chronological index i lives at slot (oldest + i) % C
-    slots = (oldest + start[:, None] + jnp.arange(seq_len)) % capacity  # [B, T]
-    return {k: v[env[:, None], slots] for k, v in replay.data.items()}
-
 
 # --------------------------------------------------------------------------- the loop's carry
 
@@ -222,6 +165,7 @@ class DeviceLoop:
         self.schedule = make_schedule(rc.train_ratio, rc.batch_size, rc.seq_len, n,
                                       chunk_env_steps or rc.log_every)
         self.chunk = jax.jit(self._chunk, donate_argnums=0)
+        self._evaluate_jit = jax.jit(self._evaluate, static_argnums=(3, 4))
 
     # -- env stepping (one env; vmapped over N)
 
@@ -240,7 +184,7 @@ class DeviceLoop:
 
     def _to_step(self, timestep: Any, action: Float[Array, "n a"]) -> dict[str, Array]:
         """A batched env timestep and the action into it -> one stored step (the host convention)."""
-        n = self.num_envs
+        n = action.shape[0]
         (shape, dtype), = self.obs_spec.values()
         first = jnp.asarray(timestep.first, bool)
         terminated, truncated = jnp.asarray(timestep.terminated, bool), jnp.asarray(timestep.truncated, bool)
@@ -263,9 +207,46 @@ class DeviceLoop:
         carry = LoopCarry(agent, agent_lib.initial_carry(agent, n), env_state, jnp.zeros(n, bool), pending, replay,
                           jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32), jnp.zeros((), jnp.int32),
                           jnp.zeros((), jnp.int32), k_loop)
-        # The chunk donates its carry, and a buffer may not be donated twice: eager ops can hand back
-        # one array for two leaves (e.g. equal initial latents), so every leaf gets its own copy.
-        return jax.tree.map(lambda x: jnp.array(x, copy=True), carry)
+        return fresh_buffers(carry)
+
+    # -- greedy evaluation
+
+    def _evaluate(self, agent: AgentState, env_params: Any, key: PRNGKeyArray, episodes: int,
+                  max_steps: int) -> tuple[Float[Array, " e"], Int[Array, " e"]]:
+        """One greedy episode in each of `episodes` fresh envs (stepped together until all have ended
+        or `max_steps`); returns their returns and lengths."""
+        k_reset, k_loop = jax.random.split(key)
+        env_state, timestep = jax.vmap(self._env_reset, in_axes=(None, 0))(env_params,
+                                                                             jax.random.split(k_reset, episodes))
+        obs = self._to_step(timestep, jnp.zeros((episodes, self.action_spec.dim)))[self.obs_key]
+        init = (env_state, agent_lib.initial_carry(agent, episodes), obs, jnp.ones(episodes, bool),
+                jnp.zeros(episodes, bool), jnp.zeros(episodes, jnp.float32), jnp.zeros(episodes, jnp.int32),
+                jnp.zeros((), jnp.int32), k_loop)
+
+        def running(c):
+            done, t = c[4], c[7]
+            return ~jnp.all(done) & (t < max_steps)
+
+        def step(c):
+            env_state, carry, obs, first, done, ret, length, t, key = c
+            key, k_act, k_env = jax.random.split(key, 3)
+            action, carry = _policy(agent, carry, {self.obs_key: obs, "is_first": first}, k_act, True)
+            env_state, timestep = jax.vmap(self.env.step, in_axes=(None, 0, 0, 0))(
+                env_params, env_state, jnp.argmax(action, -1), jax.random.split(k_env, episodes))
+            stepped = self._to_step(timestep, action)
+            ret = ret + jnp.where(done, 0.0, stepped["reward"])
+            length = length + jnp.where(done, 0, 1)
+            done = done | jnp.asarray(timestep.terminated, bool) | jnp.asarray(timestep.truncated, bool)
+            return env_state, carry, stepped[self.obs_key], jnp.zeros_like(first), done, ret, length, t + 1, key
+
+        final = jax.lax.while_loop(running, step, init)
+        return final[5], final[6]
+
+    def evaluate(self, agent: AgentState, env_params: Any, key: PRNGKeyArray, episodes: int,
+                 max_steps: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy episodes in fresh envs (jitted per episode count): (returns `[episodes]`, lengths)."""
+        returns, lengths = self._evaluate_jit(agent, env_params, key, episodes, max_steps)
+        return np.asarray(returns), np.asarray(lengths)
 
     # -- the chunk
 
@@ -324,25 +305,36 @@ class DeviceLoop:
         return carry, ChunkOutputs(flat(is_last), flat(ret), flat(length), metrics, trained)
 
 
-def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: int | None = None) -> dict[str, Any]:
-    """Train in `config.run.logdir` for `config.run.steps` env steps (rounded up to whole chunks) with
-    the device loop, logging `metrics.jsonl` (one line per chunk) and `scores.jsonl` as the host loop does.
+def fresh_buffers(tree: Any) -> Any:
+    """Every array leaf copied into its own buffer. The chunk donates its carry, and a buffer may not be
+    donated twice: eager ops or a restore can hand back one array for two leaves (e.g. equal initial
+    latents)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)
 
-    **Arguments:** see `DeviceLoop`. The logdir must not hold an earlier run: the device loop does not
-    checkpoint or resume yet.
+
+def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `config.run.logdir` for `config.run.steps` env steps (rounded up to
+    whole chunks) with the device loop, logging `metrics.jsonl` (one line per chunk) and `scores.jsonl`
+    as the host loop does.
+
+    Checkpoints hold the whole loop carry (agent, policy carry, env states, pending step, device replay,
+    episode counters, PRNG key): every `run.checkpoint_every` env steps (at the next chunk boundary)
+    and at exit, including a first Ctrl-C (a second one aborts; the last checkpoint stays usable).
+    Starting again in the same logdir resumes exactly where the last checkpoint left off. Greedy
+    evaluation episodes (`run.eval_episodes` fresh envs) run every `run.eval_every` env steps.
+
+    **Arguments:** see `DeviceLoop`.
 
     **Returns:** a summary: env steps, updates, episodes, recent return, wall time, the first chunk's
     time (it includes compiling), env steps/s after the first chunk, the schedule, and the final
     agent `state` and `replay`.
     """
+    from worldmodels.loop import StopOnInterrupt, check_resumable  # the host loop imports this module
+
     rc = config.run
     logdir = Path(rc.logdir)
-    if (logdir / "scores.jsonl").exists() and (logdir / "scores.jsonl").stat().st_size:
-        raise ValueError(f"{logdir} already holds a run; the device loop cannot resume one (no checkpoints "
-                         "yet): pass a new --run.logdir")
-    if rc.eval_every:
-        print("note: the device loop runs no evaluation episodes (run.eval_every is ignored)")
     logdir.mkdir(parents=True, exist_ok=True)
+    check_resumable(logdir, config)
     (logdir / "config.json").write_text(dumps(config))
 
     loop = DeviceLoop(config, env, env_params, chunk_env_steps)
@@ -353,40 +345,69 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
           f"{s.env_steps_per_chunk} env steps; effective train_ratio "
           f"{s.effective_train_ratio(rc.batch_size, rc.seq_len):g} (asked {rc.train_ratio:g})")
 
+    counters = {"episodes": 0, "last_checkpoint": 0, "last_eval": 0}
+    ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
+    if ckpt.latest_step() is not None:
+        restored, _, meta, _ = ckpt.restore({"carry": carry}, None)
+        carry, counters = fresh_buffers(restored["carry"]), meta["counters"]
+        print(f"resumed from {logdir} at env step {int(carry.env_steps)} ({int(carry.updates)} updates)")
+
+    def checkpoint(wait: bool = False) -> None:
+        ckpt.save(int(carry.env_steps), {"carry": carry}, None, {"counters": counters, "config": to_dict(config)},
+                  wait=wait)
+        counters["last_checkpoint"] = int(carry.env_steps)
+
     logger = RunLogger(logdir, rc.tensorboard)
     recent: collections.deque = collections.deque(maxlen=100)
-    env_steps = updates = episodes = 0
-    start = time.time()
+    env_steps, updates = int(carry.env_steps), int(carry.updates)
+    start, start_steps, start_updates = time.time(), env_steps, updates
     first_chunk_s, after_first = None, None
+    clean_exit = False
     try:
-        while env_steps < rc.steps:
-            chunk_start_steps = env_steps
-            carry, out = loop.chunk(carry, env_params)
-            out = jax.device_get(out)
-            env_steps, updates = int(carry.env_steps), int(carry.updates)
-            if first_chunk_s is None:
-                first_chunk_s, after_first = time.time() - start, (time.time(), env_steps)
-            # scores: vector step t of the chunk ends at env step start + (t + 1) * N
-            for t, i in zip(*np.nonzero(out.is_last)):
-                episodes += 1
-                recent.append(float(out.episode_return[t, i]))
-                logger.score(chunk_start_steps + (t + 1) * s.num_envs, "train", out.episode_return[t, i],
-                             out.episode_length[t, i])
-            elapsed = max(time.time() - start, 1e-9)
-            values: dict[str, Any] = {"env_steps_per_s": env_steps / elapsed, "updates_per_s": updates / elapsed,
-                                      "updates": updates, "episodes": episodes}
-            if recent:
-                values["train/return_recent"] = float(np.mean(recent))
-            if out.trained.any():
-                values.update({k: float(np.mean(v[out.trained])) for k, v in out.metrics.items()})
-            logger.metrics(env_steps, values)
+        with StopOnInterrupt() as flag:
+            while env_steps < rc.steps and not flag.stop:
+                chunk_start_steps = env_steps
+                carry, out = loop.chunk(carry, env_params)
+                out = jax.device_get(out)
+                env_steps, updates = int(carry.env_steps), int(carry.updates)
+                if first_chunk_s is None:
+                    first_chunk_s, after_first = time.time() - start, (time.time(), env_steps)
+                # scores: vector step t of the chunk ends at env step start + (t + 1) * N
+                for t, i in zip(*np.nonzero(out.is_last)):
+                    counters["episodes"] += 1
+                    recent.append(float(out.episode_return[t, i]))
+                    logger.score(chunk_start_steps + (t + 1) * s.num_envs, "train", out.episode_return[t, i],
+                                 out.episode_length[t, i])
+                elapsed = max(time.time() - start, 1e-9)
+                values: dict[str, Any] = {"env_steps_per_s": (env_steps - start_steps) / elapsed,
+                                          "updates_per_s": (updates - start_updates) / elapsed,
+                                          "updates": updates, "episodes": counters["episodes"]}
+                if recent:
+                    values["train/return_recent"] = float(np.mean(recent))
+                if out.trained.any():
+                    values.update({k: float(np.mean(v[out.trained])) for k, v in out.metrics.items()})
+                logger.metrics(env_steps, values)
+                if rc.eval_every and env_steps - counters["last_eval"] >= rc.eval_every:
+                    counters["last_eval"] = env_steps
+                    # A key of its own (not from the carry), so evaluating never changes training.
+                    key = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 2), env_steps)
+                    for ret, length in zip(*loop.evaluate(carry.agent, env_params, key, rc.eval_episodes)):
+                        logger.score(env_steps, "eval", ret, length)
+                if rc.checkpoint_every and env_steps - counters["last_checkpoint"] >= rc.checkpoint_every:
+                    checkpoint()
+        clean_exit = True
     finally:
+        # After a crash (or a second Ctrl-C) mid-chunk the carry's buffers may be donated or stale:
+        # the previous checkpoint stays the one to resume from.
+        if clean_exit and counters["last_checkpoint"] != env_steps:
+            checkpoint(wait=True)
+        ckpt.close()
         logger.close()
     elapsed = time.time() - start
     steady = None
     if after_first is not None and env_steps > after_first[1]:
         steady = (env_steps - after_first[1]) / max(time.time() - after_first[0], 1e-9)
-    return {"env_steps": env_steps, "updates": updates, "episodes": episodes,
+    return {"env_steps": env_steps, "updates": updates, "episodes": counters["episodes"],
             "recent_return": float(np.mean(recent)) if recent else None, "seconds": elapsed,
             "first_chunk_seconds": first_chunk_s, "env_steps_per_s_after_first_chunk": steady,
             "schedule": s, "state": carry.agent, "replay": carry.replay}

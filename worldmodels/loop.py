@@ -63,7 +63,7 @@ def _make_vector_env(env_fn: EnvFn, config: Config,
     return envs
 
 
-def _check_resumable(logdir: Path, config: Config) -> None:
+def check_resumable(logdir: Path, config: Config) -> None:
     """A run directory belongs to one agent and env: refuse to resume it with another."""
     path = logdir / "config.json"
     if not path.exists():
@@ -81,7 +81,7 @@ def _check_resumable(logdir: Path, config: Config) -> None:
             f"{path} (only run.steps and logging options may change), or pass a new --run.logdir.")
 
 
-class _StopFlag:
+class StopOnInterrupt:
     """First Ctrl-C asks the loop to stop at the next step boundary (and checkpoint); a second one
     interrupts at once (the last checkpoint stays usable)."""
 
@@ -155,7 +155,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     rc = config.run
     logdir = Path(rc.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(logdir, config)
+    check_resumable(logdir, config)
     (logdir / "config.json").write_text(dumps(config))
 
     envs = _make_vector_env(env_fn, config, parallel_vector_env)
@@ -247,7 +247,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
 
     clean_exit = False
     try:
-        with _StopFlag() as flag:
+        with StopOnInterrupt() as flag:
             while counters["env_steps"] < rc.steps and not flag.stop:
                 # 1. store the pending step, act on it, step the envs
                 replay.add(pending)

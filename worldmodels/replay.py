@@ -1,15 +1,24 @@
-"""Sequence replay buffer for many parallel environments, kept in host memory.
+"""Sequence replay for many parallel environments: a host buffer and a device one.
 
-Each env stream has its own FIFO ring of ``capacity // num_envs`` steps. All
-storage is allocated once in ``__init__``, so the buffer can never grow past
-``nbytes`` (see ``describe()``, meant to be printed when training starts).
+``ReplayBuffer`` (the host loop's) keeps numpy arrays in host memory. Each env
+stream has its own FIFO ring of ``capacity // num_envs`` steps. All storage is
+allocated once in ``__init__``, so the buffer can never grow past ``nbytes``
+(see ``describe()``, meant to be printed when training starts).
+
+``DeviceReplay`` (the device loop's) is the same ring as a PyTree of JAX arrays
+with pure functions ``replay_init``, ``replay_add``, ``replay_sample`` and
+``replay_stored``, so it can live inside a compiled loop and be checkpointed
+with the rest of its carry.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Int, PRNGKeyArray
 
 Spec = Mapping[str, tuple[tuple[int, ...], np.dtype | str]]
 
@@ -193,3 +202,63 @@ class ReplayBuffer:
         for key, array in self._data.items():
             np.copyto(array, state[_DATA + key])
         self._written = int(written)
+
+
+# --------------------------------------------------------------------------- device replay
+
+StepSpec = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+class DeviceReplay(NamedTuple):
+    """A FIFO ring buffer of JAX arrays per env stream (a PyTree, carried through the scan).
+
+    - `data`: key -> `[N, C, *shape]` (N env streams, C steps each).
+    - `written`: int32 scalar, steps ever written per env stream (the same for every stream); the
+      next write goes to slot `written % C`.
+    """
+
+    data: dict[str, Array]
+    written: Int[Array, ""]
+
+
+def replay_init(spec: StepSpec, num_envs: int, capacity_per_env: int) -> DeviceReplay:
+    """An empty replay: zeros of `[num_envs, capacity_per_env, *shape]` per key of `spec`."""
+    if num_envs < 1 or capacity_per_env < 1:
+        raise ValueError(f"device replay needs num_envs >= 1 and capacity_per_env >= 1, got {num_envs}, "
+                         f"{capacity_per_env}")
+    data = {k: jnp.zeros((num_envs, capacity_per_env, *shape), dtype) for k, (shape, dtype) in spec.items()}
+    return DeviceReplay(data, jnp.zeros((), jnp.int32))
+
+
+def replay_add(replay: DeviceReplay, step: Mapping[str, Array]) -> DeviceReplay:
+    """Write one step (key -> `[N, *shape]`) to every env stream, overwriting the oldest when full."""
+    capacity = next(iter(replay.data.values())).shape[1]
+    slot = replay.written % capacity
+    data = {k: v.at[:, slot].set(jnp.asarray(step[k], v.dtype)) for k, v in replay.data.items()}
+    return DeviceReplay(data, replay.written + 1)
+
+
+def replay_stored(replay: DeviceReplay) -> Int[Array, ""]:
+    """Steps currently stored per env stream."""
+    capacity = next(iter(replay.data.values())).shape[1]
+    return jnp.minimum(replay.written, capacity)
+
+
+def replay_sample(replay: DeviceReplay, batch_size: int, seq_len: int, key: PRNGKeyArray) -> dict[str, Array]:
+    """`batch_size` windows of `seq_len` consecutive steps, uniform over all valid windows.
+
+    As the host `ReplayBuffer.sample`: a window lies inside one env stream, in written order, never
+    touches an unwritten slot or jumps across the write pointer; it may cross episode boundaries.
+    Only meaningful when `replay_stored(replay) >= seq_len` (the caller checks; under jit it cannot
+    raise), otherwise windows repeat the stored steps' slots.
+
+    **Returns:** key -> `[B, T, *shape]`.
+    """
+    num_envs, capacity = next(iter(replay.data.values())).shape[:2]
+    stored = replay_stored(replay)
+    starts_per_env = jnp.maximum(stored - seq_len + 1, 1)
+    flat = jax.random.randint(key, (batch_size,), 0, num_envs * starts_per_env)
+    env, start = flat // starts_per_env, flat % starts_per_env
+    oldest = (replay.written - stored) % capacity  # chronological index i lives at slot (oldest + i) % C
+    slots = (oldest + start[:, None] + jnp.arange(seq_len)) % capacity  # [B, T]
+    return {k: v[env[:, None], slots] for k, v in replay.data.items()}
