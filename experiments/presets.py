@@ -66,3 +66,34 @@ R2I_PRESETS = {
                            "run.train_ratio": 256.0, **FAST_LEARNING},
 }
 RUN_PRESETS.update(R2I_PRESETS)
+
+# DreamerV3 (2024) per-benchmark settings: the train ratio per domain (dreamerv3.md, "Data"), the
+# paper's env-step budgets; the model size is a separate preset (e.g. `--preset size12m dreamer-dmc`).
+DREAMER_PRESETS = {
+    "dreamer-dmc": {"run.train_ratio": 1024.0, "run.steps": 500_000},  # proprio
+    "dreamer-dmc-vision": {"run.train_ratio": 256.0, "run.steps": 1_000_000},
+    "dreamer-bsuite": {"run.train_ratio": 1024.0},
+}
+RUN_PRESETS.update(DREAMER_PRESETS)
+
+# Reduced for this project's 2-core CPU (NOT published settings): small models, low train ratios,
+# faster learning rates, replay sized for the machine's RAM (64x64x3 uint8 images: 12 KiB a step).
+# Memory Maze runs ~45 steps/s per env process here, hence 4 env processes.
+_CPU_IMAGES = {"agent.world_model.cnn_depth": 16, "agent.world_model.units": 128, "agent.actor_critic.units": 128,
+               "run.replay_capacity": 100_000, **FAST_LEARNING}
+CPU_PRESETS = {
+    "dreamer-dmc-cpu": {**PRESETS["size1m"], "run.train_ratio": 64.0, "run.steps": 100_000,
+                        "run.replay_capacity": 100_000, **FAST_LEARNING},
+    "dreamer-dmc-vision-cpu": {**PRESETS["size1m"], **_CPU_IMAGES, "run.train_ratio": 32.0, "run.steps": 100_000},
+    "dreamer-memory-maze-cpu": {**PRESETS["size1m"], **_CPU_IMAGES, "run.train_ratio": 16.0, "run.steps": 1_000_000,
+                                "run.num_envs": 4, "run.parallel_envs": True, "run.replay_capacity": 200_000},
+    "r2i-dmc-cpu": {**_s3m(128, 64, 32, 2, "full", hidden=64), **_actor_critic(2, 64), "run.batch_size": 16,
+                    "run.seq_len": 64, "run.train_ratio": 64.0, "run.steps": 100_000, "run.replay_capacity": 100_000,
+                    **FAST_LEARNING},
+    "r2i-memory-maze-cpu": {**_s3m(256, 128, 64, 2, "full", hidden=128), **_actor_critic(2, 128), **_CPU_IMAGES,
+                            "run.batch_size": 4, "run.seq_len": 256, "run.train_ratio": 16.0, "run.steps": 1_000_000,
+                            "run.num_envs": 4, "run.parallel_envs": True, "run.replay_capacity": 200_000,
+                            "agent.optim.weight_decay": 1e-2, "agent.world_model.dyn_scale": 0.8,
+                            "agent.world_model.rep_scale": 0.2, "agent.actor_critic.entropy": 1e-3},
+}
+RUN_PRESETS.update(CPU_PRESETS)

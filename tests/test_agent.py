@@ -129,3 +129,15 @@ def test_actor_and_critic_learning_rates_scale_their_updates_only():
         np.testing.assert_allclose(b, 0.5 * a, rtol=1e-4, atol=2e-7)  # float32 rounding of (param + update) - param
     for a, b in zip(critic, critic2):
         np.testing.assert_allclose(b, 0.25 * a, rtol=1e-4, atol=2e-7)  # float32 rounding of (param + update) - param
+
+
+def test_init_works_inside_transformations_such_as_vmap_over_seeds():
+    config = make_config(["debug"]).agent
+    keys = jax.random.split(jax.random.PRNGKey(5), 2)
+    init = lambda key: agent_lib.init(config, OBS_SPEC, agent_lib.ActionSpec(2, True), key)
+    batched = jax.vmap(init)(keys)
+    for i in range(2):
+        single = init(keys[i])
+        for b, s in zip(jax.tree.leaves(batched.params), jax.tree.leaves(single.params)):
+            # the standalone init is compiled without backend optimisations: equal up to rounding
+            np.testing.assert_allclose(np.asarray(b[i]), np.asarray(s), rtol=1e-5, atol=1e-6)

@@ -399,7 +399,7 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
     finally:
         # After a crash (or a second Ctrl-C) mid-chunk the carry's buffers may be donated or stale:
         # the previous checkpoint stays the one to resume from.
-        if clean_exit and counters["last_checkpoint"] != env_steps:
+        if clean_exit and (counters["last_checkpoint"] != env_steps or not ckpt.all_steps()):
             checkpoint(wait=True)
         ckpt.close()
         logger.close()

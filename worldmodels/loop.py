@@ -316,7 +316,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     finally:
         # Only a loop that stopped at a step boundary is consistent enough to save; after a crash the
         # previous checkpoint stays the one to resume from.
-        if clean_exit:
+        if clean_exit and (counters["last_checkpoint"] != counters["env_steps"] or not ckpt.all_steps()):
             checkpoint(wait=True)
         ckpt.close()
         logger.close()
