@@ -3,6 +3,7 @@
     python -m experiments.bench                      # the full table
     python -m experiments.bench --cases size1m       # one row
     python -m experiments.bench --sweep              # RSSM vs S3M over sequence lengths 64, 256, 1024
+    python -m experiments.bench --cases size1m --compile-cache /tmp/wm-cache   # twice: warm start-up
 
 Rows: train step at batch 16 x 64 for size1m and size12m with vector observations and size12m with
 64x64 images (start-up = agent init + first call, i.e. compile; then the median of `--repeats`
@@ -164,7 +165,13 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="only the RSSM vs S3M sequence-length sweep")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--total", type=int, default=4096, help="B x T of the sweep")
+    parser.add_argument("--compile-cache", metavar="DIR", default=None,
+                        help="use JAX's persistent compilation cache in DIR (as the training CLI does): run "
+                             "twice to measure a warm start-up")
     args = parser.parse_args()
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if args.sweep:
         print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32; {huge_pages()}")
         sweep(args.lengths, args.total, args.repeats)
