@@ -44,7 +44,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 # bsuite's memory threshold (bsuite.experiments.memory_len.analysis.LEARNING_THRESH), restated for
