@@ -200,6 +200,10 @@ def load_agent(run_dir: Path, config: Config, obs_space: gym.Space, act_space: g
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no finished checkpoint yet")
+        if ckpt.read_meta(step).get("loop") == "device":
+            raise ValueError(f"{run_dir} is a device-loop run (--device-loop): its checkpoints hold the whole "
+                             "loop carry, which this script does not restore. Use --run.eval-every when "
+                             "training it: the device loop then logs greedy evaluation episodes to scores.jsonl")
         restored, _, meta, _ = ckpt.restore(template, None, step)
     return restored["agent"], step, meta["counters"]
 

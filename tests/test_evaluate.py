@@ -137,3 +137,14 @@ def test_evaluate_a_briefly_trained_run(tmp_path):
 def test_evaluate_refuses_a_directory_without_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         evaluate.evaluate_run(tmp_path)
+
+
+def test_evaluate_names_the_fix_for_a_device_loop_run(tmp_path):
+    import envs.jax as jenvs
+
+    env, params = jenvs.make("memory_len/0")
+    config = make_config(["debug"], {"run.logdir": str(tmp_path), "run.env": "bsuite/memory_len/0",
+                                     "run.steps": 32, "run.train_ratio": 0.0})
+    loop.run_on_device(config, env, params, chunk_env_steps=32)
+    with pytest.raises(ValueError, match="device-loop run.*--run.eval-every"):
+        evaluate.evaluate_run(tmp_path)
