@@ -14,11 +14,11 @@ from typing import Any
 
 import dm_env
 
-__all__ = ["ActionRepeat", "StepLimit"]
+__all__ = ["ActionRepeat", "StepLimit", "Wrapper"]
 
 
-class _Wrapper(dm_env.Environment):
-    """Forwards everything to the wrapped env; subclasses override `reset`/`step`."""
+class Wrapper(dm_env.Environment):
+    """Forwards everything to the wrapped env; subclasses override what they change."""
 
     def __init__(self, env: dm_env.Environment) -> None:
         self._env = env
@@ -50,7 +50,7 @@ class _Wrapper(dm_env.Environment):
         self._env.close()
 
 
-class StepLimit(_Wrapper):
+class StepLimit(Wrapper):
     """End each episode after at most `max_steps` steps of the wrapped env.
 
     The step that reaches the limit becomes a LAST timestep with the wrapped env's own discount
@@ -91,7 +91,7 @@ class StepLimit(_Wrapper):
         return timestep
 
 
-class ActionRepeat(_Wrapper):
+class ActionRepeat(Wrapper):
     """Apply each action `repeat` times (fewer if the episode ends in between).
 
     Returns the last timestep with the sum of the rewards and the product of the discounts, so a

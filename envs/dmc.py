@@ -25,7 +25,7 @@ import numpy as np
 from dm_env import specs
 
 from envs.dm_env_adapter import DmEnvToGymnasium
-from envs.dm_env_wrappers import ActionRepeat, StepLimit
+from envs.dm_env_wrappers import ActionRepeat, StepLimit, Wrapper
 from envs.rendering import import_mujoco_module
 
 __all__ = ["DMC_TASKS", "DmcObservation", "make_dmc", "parse_task"]
@@ -67,7 +67,7 @@ def parse_task(task_id: str) -> tuple[str, str]:
     return domain, task
 
 
-class DmcObservation(dm_env.Environment):
+class DmcObservation(Wrapper):
     """Map a suite env's observations to DreamerV3's: proprio vectors or a rendered image.
 
     The wrapped env is the outermost dm_env below this one (action repeat, step limit), so the
@@ -90,7 +90,7 @@ class DmcObservation(dm_env.Environment):
           size: image (height, width).
           camera: camera id to render from.
         """
-        self._env = env
+        super().__init__(env)
         self._physics = physics
         self._vision = vision
         self._size = (int(size[0]), int(size[1]))
@@ -132,14 +132,8 @@ class DmcObservation(dm_env.Environment):
             spec.shape, np.float32, spec.minimum, spec.maximum, name=spec.name or "action"
         )
 
-    def reward_spec(self) -> Any:
-        return self._env.reward_spec()
-
-    def discount_spec(self) -> Any:
-        return self._env.discount_spec()
-
     def close(self) -> None:
-        self._env.close()
+        super().close()
         # control.Environment.close frees nothing; release the GL context and MuJoCo data now
         # rather than at garbage collection (a seeded reset rebuilds the task).
         self._physics.free()

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.curve import save_png
+
 # bsuite's memory threshold (bsuite.experiments.memory_len.analysis.LEARNING_THRESH), restated for
 # the docs; the scores themselves come from bsuite's functions.
 MEMORY_REGRET_THRESHOLD = 0.75
@@ -211,11 +213,7 @@ def plot_success(ids: pd.DataFrame, experiment: str, out: str | Path, title: str
         episodes = int(table["episodes"].min())
         ax.set_title(title or f"bsuite {experiment}\n(scored at >= {episodes} episodes per id)", fontsize=10)
         fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_png(fig, out)
 
 
 def format_table(table: pd.DataFrame, floats: str = "{:.3f}") -> str:

@@ -109,6 +109,13 @@ def plot_curves(groups: dict[str, dict[str, list[dict]]], out: str | Path, bins:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
+    return save_png(fig, out)
+
+
+def save_png(fig, out: str | Path) -> Path:
+    """Write a matplotlib figure to `out` (parent folders created), close it, return the path."""
+    import matplotlib.pyplot as plt
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
