@@ -72,7 +72,7 @@ def init(config: AgentConfig, obs_spec: ObsSpec, action_spec: ActionSpec, key: P
     """A freshly initialised agent for observations `obs_spec` (key -> (shape, dtype)) and actions."""
     spec = tuple((k, tuple(int(d) for d in s), str(jnp.dtype(t))) for k, (s, t) in sorted(obs_spec.items()))
     # Inside a trace (jit, vmap over seeds, eval_shape) the caller's transformation compiles it.
-    state = (_init_traced if isinstance(key, jax.core.Tracer) else _init)(config, spec, action_spec, key)
+    state = (_init if isinstance(key, jax.core.Tracer) else _init_compiled)(config, spec, action_spec, key)
     if not all(eqx.is_array(x) for x in jax.tree.leaves(state)):
         raise TypeError("AgentState must hold only arrays as leaves (mark other fields static)")
     return state
@@ -94,8 +94,7 @@ def _init(config: AgentConfig, spec: tuple, action_spec: ActionSpec, key: PRNGKe
 
 # One compiled program instead of hundreds of eager initialiser calls. It runs once, so XLA's backend
 # optimisations are switched off: that halves its compile time (parameters equal to ~1e-7).
-_init_traced = _init
-_init = jax.jit(_init, static_argnums=(0, 1, 2), compiler_options={"xla_backend_optimization_level": 0})
+_init_compiled = jax.jit(_init, static_argnums=(0, 1, 2), compiler_options={"xla_backend_optimization_level": 0})
 
 
 def count_params(tree) -> int:

@@ -353,8 +353,8 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
         print(f"resumed from {logdir} at env step {int(carry.env_steps)} ({int(carry.updates)} updates)")
 
     def checkpoint(wait: bool = False) -> None:
-        ckpt.save(int(carry.env_steps), {"carry": carry}, None, {"loop": "device", "counters": counters, "config": to_dict(config)},
-                  wait=wait)
+        meta = {"loop": "device", "counters": counters, "config": to_dict(config)}
+        ckpt.save(int(carry.env_steps), {"carry": carry}, None, meta, wait=wait)
         counters["last_checkpoint"] = int(carry.env_steps)
 
     logger = RunLogger(logdir, rc.tensorboard)
