@@ -193,13 +193,16 @@ def plot_success(ids: pd.DataFrame, experiment: str, out: str | Path, title: str
     # bsuite's plotting module switches matplotlib to its own global style on import: draw in the default.
     with plt.style.context("default"):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for i, (label, sub) in enumerate(table.groupby("label", sort=False)):
-            color = f"C{i}"
+        labels = list(table.groupby("label", sort=False))
+        for i, (label, sub) in enumerate(labels):
+            color, marker = f"C{i}", "osD^v<>"[i % 7]
+            size = 4 + 3 * (len(labels) - 1 - i)  # earlier labels drawn larger: equal values stay visible
             runs = int(sub["runs"].max())
-            ax.plot(sub["setting"], sub["success_rate"], "o-", color=color, label=f"{label} ({runs} run(s))")
+            ax.plot(sub["setting"], sub["success_rate"], "-", marker=marker, markersize=size, color=color,
+                    label=f"{label} ({runs} run(s))")
             if "final_accuracy" in sub:
-                ax.plot(sub["setting"], sub["final_accuracy"], ":", color=color, alpha=0.7,
-                        label=f"{label}: accuracy of the latest episodes")
+                ax.plot(sub["setting"], sub["final_accuracy"], ":", marker=marker, markersize=size, color=color,
+                        alpha=0.6, fillstyle="none", label=f"{label}: accuracy of the latest episodes")
         xlabel = {"memory_length": "memory length", "num_bits": "number of bits",
                   "reward_delay": "reward delay of the bonus chain"}.get(SETTING_COLUMN.get(experiment, ""),
                                                                          "bsuite id")
