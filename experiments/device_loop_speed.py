@@ -18,7 +18,7 @@ So compiling, which happens before that first line, is left out of both; it is s
 Measured on this project's 2-core CPU while another training run used it (so absolute figures are
 low and noisy), steady env steps/s, host -> device:
 - debug agent, train ratio 64 (one update per env step): catch/0 53 -> 85, memory_len/9 57 -> 88;
-- dreamer-bsuite-cpu, catch/0, train ratio 256: 15 -> 27;
+- dreamer-bsuite-cpu as it was then (32 x 4 latents, since cut to 4 x 4), catch/0, train ratio 256: 15 -> 27;
 - debug agent, no training (env + policy): catch/0 887 -> 33,676, memory_len/9 1,026 -> 68,173;
   8 envs, catch/0: 7,725 -> 215,073.
 """
