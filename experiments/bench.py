@@ -170,8 +170,9 @@ def main() -> None:
                              "twice to measure a warm start-up")
     args = parser.parse_args()
     if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        from experiments.train import enable_compile_cache
+
+        enable_compile_cache(args.compile_cache)
     if args.sweep:
         print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32; {huge_pages()}")
         sweep(args.lengths, args.total, args.repeats)

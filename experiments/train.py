@@ -65,10 +65,12 @@ def _parse(argv: list[str] | None = None) -> tuple[Config, bool]:
     return tyro.cli(Config, default=base, args=rest, description=description), known.device_loop
 
 
-def enable_compile_cache() -> None:
-    """Keep compiled programs on disk (WORLDMODELS_COMPILE_CACHE, default ~/.cache/worldmodels/xla;
-    set it to an empty string to switch the cache off): a resumed or repeated run skips most compiling."""
-    path = os.environ.get("WORLDMODELS_COMPILE_CACHE", os.path.expanduser("~/.cache/worldmodels/xla"))
+def enable_compile_cache(path: str | None = None) -> None:
+    """Keep compiled programs on disk in `path` (None: WORLDMODELS_COMPILE_CACHE, default
+    ~/.cache/worldmodels/xla; an empty string switches the cache off): a resumed or repeated run
+    skips most compiling."""
+    if path is None:
+        path = os.environ.get("WORLDMODELS_COMPILE_CACHE", os.path.expanduser("~/.cache/worldmodels/xla"))
     if path:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
