@@ -164,7 +164,8 @@ class DeviceLoop:
             "is_first": ((), "bool"), "is_last": ((), "bool"), "is_terminal": ((), "bool")}
         self.schedule = make_schedule(rc.train_ratio, rc.batch_size, rc.seq_len, n,
                                       chunk_env_steps or rc.log_every)
-        self.chunk = jax.jit(self._chunk, donate_argnums=0)
+        self.chunk = jax.jit(self._chunk, donate_argnums=0,
+                             compiler_options=agent_lib.compiler_options(jax.default_backend()))
         self._evaluate_jit = jax.jit(self._evaluate, static_argnums=(3, 4))
 
     # -- env stepping (one env; vmapped over N)
