@@ -71,6 +71,12 @@ def test_compiler_options_change_the_update_and_the_init_only_by_rounding():
                                        err_msg=name)
 
 
+def test_compiler_options_unknown_to_this_xla_are_dropped():
+    options = {"xla_backend_optimization_level": 2, "xla_cpu_no_such_option": True}
+    assert agent_lib._supported(options) == {"xla_backend_optimization_level": 2}
+    assert agent_lib._supported({"xla_cpu_no_such_option": True}) is None
+
+
 def test_train_does_not_retrace_after_first_call_from_fresh_function():
     # A new agent with the same config and shapes reuses the compiled train step.
     state = tiny_agent(seed=2)

@@ -73,7 +73,7 @@ def init(config: AgentConfig, obs_spec: ObsSpec, action_spec: ActionSpec, key: P
     """A freshly initialised agent for observations `obs_spec` (key -> (shape, dtype)) and actions."""
     spec = tuple((k, tuple(int(d) for d in s), str(jnp.dtype(t))) for k, (s, t) in sorted(obs_spec.items()))
     # Inside a trace (jit, vmap over seeds, eval_shape) the caller's transformation compiles it.
-    state = (_init if isinstance(key, jax.core.Tracer) else _init_compiled)(config, spec, action_spec, key)
+    state = (_init if isinstance(key, jax.core.Tracer) else _init_program())(config, spec, action_spec, key)
     if not all(eqx.is_array(x) for x in jax.tree.leaves(state)):
         raise TypeError("AgentState must hold only arrays as leaves (mark other fields static)")
     return state
@@ -93,22 +93,44 @@ def _init(config: AgentConfig, spec: tuple, action_spec: ActionSpec, key: PRNGKe
                       jnp.zeros((), jnp.int32))
 
 
+def _supported(options: dict[str, int | str]) -> dict[str, int | str] | None:
+    """The XLA `options` this jaxlib knows (some are experimental and may go away; XLA's defaults
+    then apply). Each is tried on a tiny program once."""
+    supported = {}
+    for name, value in options.items():
+        try:
+            jax.jit(jnp.negative, compiler_options={name: value}).lower(jnp.zeros(())).compile()
+        except jax.errors.JaxRuntimeError:
+            continue
+        supported[name] = value
+    return supported or None
+
+
 # One compiled program instead of hundreds of eager initialiser calls. It runs once, so XLA's backend
 # optimisations are switched off: that halves its compile time (parameters equal to ~1e-7). On CPU,
 # XLA's older kernel emitter compiles its ~450 small kernels in about half the time of the MLIR one
-# (parameters bit-identical for size1m; the option is ignored by other backends).
-_init_compiled = jax.jit(_init, static_argnums=(0, 1, 2), compiler_options={
-    "xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False})
+# (parameters bit-identical for size1m; other backends ignore the option).
+@functools.cache
+def _init_program():
+    options = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+    return jax.jit(_init, static_argnums=(0, 1, 2), compiler_options=_supported(options))
 
 
-def compiler_options(backend: str) -> dict[str, int] | None:
+# On CPU, LLVM at -O2 instead of XLA's default -O3. (Running elementwise ops through the YNNPACK
+# library as well, `xla_cpu_experimental_ynn_fusion_type`, would save another ~100 kernels of
+# compiling, but in jaxlib 0.10.2 it miscomputes the imagined rewards: checked by the agent tests.)
+_CPU_OPTIONS = {"xla_backend_optimization_level": 2}
+
+
+@functools.cache
+def compiler_options(backend: str) -> dict[str, int | str] | None:
     """XLA options for the big programs built around `train` (the train step, the device loop's chunk).
 
-    On CPU, LLVM at -O2 instead of XLA's default -O3: the step is as fast (its time goes to the matmul
-    library) and compiling takes ~15-20% less time; results differ at most by float32 rounding
-    (bit-identical for size1m). Other backends keep their defaults.
+    On CPU they cut the size1m and size12m train steps' compile time by ~15-20% at the same step
+    speed (its time goes to the matmul library); results differ at most by float32 rounding
+    (bit-identical in the tests). Other backends keep their defaults.
     """
-    return {"xla_backend_optimization_level": 2} if backend == "cpu" else None
+    return _supported(_CPU_OPTIONS) if backend == "cpu" else None
 
 
 def count_params(tree) -> int:
