@@ -118,7 +118,8 @@ def _init_program():
 
 # On CPU, LLVM at -O2 instead of XLA's default -O3. (Running elementwise ops through the YNNPACK
 # library as well, `xla_cpu_experimental_ynn_fusion_type`, would save another ~100 kernels of
-# compiling, but in jaxlib 0.10.2 it miscomputes the imagined rewards: checked by the agent tests.)
+# compiling, but in jaxlib 0.10.2 it miscomputes imagination, whose rewards and values come out ~0:
+# tests/test_agent.py catches that.)
 _CPU_OPTIONS = {"xla_backend_optimization_level": 2}
 
 
