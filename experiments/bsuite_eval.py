@@ -193,10 +193,10 @@ def plot_success(ids: pd.DataFrame, experiment: str, out: str | Path, title: str
     # bsuite's plotting module switches matplotlib to its own global style on import: draw in the default.
     with plt.style.context("default"):
         fig, ax = plt.subplots(figsize=(6, 4))
-        labels = list(table.groupby("label", sort=False))
-        for i, (label, sub) in enumerate(labels):
+        groups = list(table.groupby("label", sort=False))
+        for i, (label, sub) in enumerate(groups):
             color, marker = f"C{i}", "osD^v<>"[i % 7]
-            size = 4 + 3 * (len(labels) - 1 - i)  # earlier labels drawn larger: equal values stay visible
+            size = 4 + 3 * (len(groups) - 1 - i)  # earlier labels drawn larger: equal values stay visible
             runs = int(sub["runs"].max())
             ax.plot(sub["setting"], sub["success_rate"], "-", marker=marker, markersize=size, color=color,
                     label=f"{label} ({runs} run(s))")
