@@ -1,5 +1,6 @@
 """Building blocks against plain reference formulations."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,8 @@ def test_block_gru_equals_broadcast_formulation():
     """The fast group-major GRU computes the reference's block GRU: each group reads [its slice of h,
     all of x] through its own block, gates split as [reset | candidate | update] within a group."""
     model = RSSM(RSSMConfig(deter=16, hidden=8, stoch=4, classes=3, blocks=2), 5, 2, key=jax.random.PRNGKey(0))
+    # a scale that differs per element, so the test sees which element each scale entry multiplies
+    model = eqx.tree_at(lambda m: m.hidden_norm.scale, model, jnp.linspace(0.5, 2.0, 16))
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
     deter = jax.random.normal(keys[0], (3, 16))
     stoch = jax.random.normal(keys[1], (3, 4, 3))
@@ -34,7 +37,7 @@ def test_block_gru_equals_broadcast_formulation():
         x = jnp.concatenate([m.in_deter(deter), m.in_stoch(stoch.reshape(3, -1)), m.in_action(action)], -1)
         x = jnp.broadcast_to(x[:, None, :], (3, g, x.shape[-1]))
         x = jnp.concatenate([deter.reshape(3, g, -1), x], -1).reshape(3, -1)
-        x = jax.nn.silu(m.hidden_norm(m.hidden_layer(x).reshape(3, g, -1))).reshape(3, -1)
+        x = jax.nn.silu(m.hidden_norm(m.hidden_layer(x)))  # one norm over the whole deter vector
         reset, cand, update = jnp.split(m.gates(x).reshape(3, g, -1), 3, axis=-1)
         reset = jax.nn.sigmoid(reset.reshape(3, -1))
         cand = jnp.tanh(reset * cand.reshape(3, -1))
@@ -43,6 +46,29 @@ def test_block_gru_equals_broadcast_formulation():
 
     fast = model._gru(deter, stoch, model._action_input(action))
     np.testing.assert_allclose(fast, reference(model, deter, stoch, action), atol=1e-5)
+
+
+def test_initial_weight_scales_follow_the_reference():
+    """Truncated normal with std 1 / sqrt(fan_in), times `outscale`; a block layer's fan-in is its
+    whole input (the reference's fan-in of a [blocks, i, o] kernel is blocks * i)."""
+    key = jax.random.PRNGKey(0)
+    for outscale in (1.0, 0.01):
+        w = np.asarray(Linear(512, 512, key=key, outscale=outscale).weight)
+        assert abs(w.std() * np.sqrt(512) / outscale - 1.0) < 0.01
+        assert np.abs(w).max() <= 2 * outscale / np.sqrt(512) / 0.8796 + 1e-7
+    w = np.asarray(BlockLinear(1024, 512, 8, key=key).weight)
+    assert w.shape == (8, 128, 64) and abs(w.std() * np.sqrt(1024) - 1.0) < 0.01
+
+
+def test_grouped_norm_equals_the_norm_of_the_whole_vector():
+    for kind in ("rms", "layer"):
+        norm = Normalize(12, kind)
+        norm = eqx.tree_at(lambda n: n.scale, norm, jnp.linspace(0.5, 2.0, 12))
+        if kind == "layer":
+            norm = eqx.tree_at(lambda n: n.offset, norm, jnp.linspace(-1.0, 1.0, 12))
+        x = jax.random.normal(jax.random.PRNGKey(0), (5, 12)) * jnp.arange(1, 13)
+        grouped = norm.grouped(jnp.moveaxis(x.reshape(5, 3, 4), 1, 0))  # [groups, n, per group]
+        np.testing.assert_allclose(jnp.moveaxis(grouped, 0, 1).reshape(5, 12), norm(x), rtol=1e-5, atol=1e-6)
 
 
 def test_zero_init_linear_and_norms():

@@ -91,11 +91,10 @@ def np_gru(m, deter, stoch, action):
                         np_dense(m.in_action, action)], -1)
     w1, b1 = np_(m.hidden_layer.weight), np_(m.hidden_layer.bias)
     w2, b2 = np_(m.gates.weight), np_(m.gates.bias)
-    hidden = []
-    for i in range(g):
-        inp = np.concatenate([deter[:, i * pg:(i + 1) * pg], x], -1)
-        y = inp @ w1[i] + b1[i * pg:(i + 1) * pg]
-        hidden.append(np_silu(np_rms(y, m.hidden_norm.scale)))
+    y = np.concatenate([np.concatenate([deter[:, i * pg:(i + 1) * pg], x], -1) @ w1[i] + b1[i * pg:(i + 1) * pg]
+                        for i in range(g)], -1)
+    y = np_silu(np_rms(y, m.hidden_norm.scale))  # one norm over the whole deter vector
+    hidden = [y[:, i * pg:(i + 1) * pg] for i in range(g)]
     new = np.zeros_like(deter)
     for i in range(g):
         out = hidden[i] @ w2[i] + b2[i * 3 * pg:(i + 1) * 3 * pg]

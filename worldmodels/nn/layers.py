@@ -23,7 +23,9 @@ def trunc_normal_init(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, sc
 class Linear(eqx.Module):
     """Affine layer `y = x @ weight + bias` over the last axis.
 
-    `outscale=0` gives an exactly zero-initialised layer (reward and value heads).
+    The weights are truncated-normal with std `outscale / sqrt(din)` (the reference multiplies
+    the initial weights by `outscale`); `outscale=0` gives an exactly zero-initialised layer
+    (reward and value heads).
     """
 
     weight: Float[Array, "din dout"]
@@ -33,7 +35,7 @@ class Linear(eqx.Module):
         if outscale == 0.0:
             self.weight = jnp.zeros((din, dout))
         else:
-            self.weight = trunc_normal_init(key, (din, dout), din, outscale)
+            self.weight = outscale * trunc_normal_init(key, (din, dout), din)
         self.bias = jnp.zeros((dout,))
 
     def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
@@ -63,6 +65,19 @@ class Normalize(eqx.Module):
         mean = jnp.mean(x, -1, keepdims=True)
         var = jnp.var(x, -1, keepdims=True)
         return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale + self.offset
+
+    def grouped(self, x: Float[Array, "g n p"]) -> Float[Array, "g n p"]:
+        """The same norm of `n` vectors of size `d = g * p` stored group-major (`x[i, j]` holds
+        elements `i * p ... (i + 1) * p` of vector `j`): statistics over each whole vector."""
+        if self.kind == "none":
+            return x
+        g, _, p = x.shape
+        scale = self.scale.reshape(g, 1, p)
+        if self.kind == "rms":
+            return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), (0, 2), keepdims=True) + self.eps) * scale
+        mean = jnp.mean(x, (0, 2), keepdims=True)
+        var = jnp.var(x, (0, 2), keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + self.offset.reshape(g, 1, p)
 
 
 class DenseBlock(eqx.Module):
@@ -103,7 +118,9 @@ class BlockLinear(eqx.Module):
     """Block-diagonal linear layer: `blocks` independent Linear maps over equal slices of the input.
 
     Input `[..., blocks * din_per_block]` -> output `[..., blocks * dout_per_block]`; parameters and
-    FLOPs are `1 / blocks` of a dense layer of the same size.
+    FLOPs are `1 / blocks` of a dense layer of the same size. The initial weights are scaled by the
+    whole input size `din`, as in the reference (its fan-in of a `[blocks, i, o]` kernel is
+    `blocks * i`).
     """
 
     weight: Float[Array, "g din dout"]
@@ -114,7 +131,7 @@ class BlockLinear(eqx.Module):
         if din % blocks or dout % blocks:
             raise ValueError(f"BlockLinear: din={din} and dout={dout} must be divisible by blocks={blocks}")
         self.blocks = blocks
-        self.weight = trunc_normal_init(key, (blocks, din // blocks, dout // blocks), din // blocks)
+        self.weight = trunc_normal_init(key, (blocks, din // blocks, dout // blocks), din)
         self.bias = jnp.zeros((dout,))
 
     def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:

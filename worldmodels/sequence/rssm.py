@@ -70,7 +70,7 @@ class RSSM(SequenceModel):
         self.in_action = DenseBlock(action_dim, c.hidden, key=k[2], norm=c.norm)
         group_in = c.deter // c.blocks + 3 * c.hidden
         self.hidden_layer = BlockLinear(c.blocks * group_in, c.deter, c.blocks, key=k[3])
-        self.hidden_norm = Normalize(c.deter // c.blocks, c.norm)
+        self.hidden_norm = Normalize(c.deter, c.norm)  # over the whole deter vector, as the reference
         self.gates = BlockLinear(c.deter, 3 * c.deter, c.blocks, key=k[4])
         self.prior_net = MLP(c.deter, c.hidden, c.img_layers, key=k[5], norm=c.norm)
         self.prior_out = Linear(c.hidden, flat, key=k[6])
@@ -116,7 +116,7 @@ class RSSM(SequenceModel):
         w_shared = jnp.moveaxis(w[:, per_group:], 0, 1).reshape(x.shape[-1], -1)
         shared = jnp.moveaxis((x @ w_shared).reshape(-1, g, per_group), 1, 0)
         y = jnp.einsum("gni,gio->gno", h, w[:, :per_group]) + shared + self.hidden_layer.bias.reshape(g, 1, -1)
-        y = jax.nn.silu(self.hidden_norm(y))
+        y = jax.nn.silu(self.hidden_norm.grouped(y))
         gates = jnp.einsum("gni,gio->gno", y, self.gates.weight) + self.gates.bias.reshape(g, 1, -1)
         reset, cand, update = jnp.split(gates, 3, axis=-1)
         reset = jax.nn.sigmoid(reset)
