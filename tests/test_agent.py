@@ -173,3 +173,30 @@ def test_init_works_inside_transformations_such_as_vmap_over_seeds():
         for b, s in zip(jax.tree.leaves(batched.params), jax.tree.leaves(single.params)):
             # the standalone init is compiled without backend optimisations: equal up to rounding
             np.testing.assert_allclose(np.asarray(b[i]), np.asarray(s), rtol=1e-5, atol=1e-6)
+
+
+def test_replay_value_loss_reaches_the_world_model_only_with_repval_grad():
+    import equinox as eqx
+
+    batch = sine_batch()
+    b, t = batch["is_first"].shape
+    grads = {}
+    for flag in (True, False):
+        config = make_config(["debug"], {"agent.actor_critic.repval_grad": flag}).agent
+        state = agent_lib.init(config, OBS_SPEC, agent_lib.ActionSpec(2, True), jax.random.PRNGKey(0))
+        # the critic's output layer starts at zero, which would block every gradient into its input
+        critic = eqx.tree_at(lambda c: c.out.weight, state.critic,
+                             jax.random.normal(jax.random.PRNGKey(2), state.critic.out.weight.shape))
+
+        def loss(params):
+            wm, critic = params
+            _, (post, _) = wm.loss(batch, wm.dynamics.initial(b), jax.random.PRNGKey(1))
+            return agent_lib._replay_value_loss(wm, critic, state, batch, post, jnp.ones((b, t)), 0.99)
+
+        grads[flag] = eqx.filter_grad(loss)((state.world_model, critic))
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
+    assert any(np.abs(g).max() > 0 for g in leaves(grads[True][0].encoder))
+    assert any(np.abs(g).max() > 0 for g in leaves(grads[True][0].dynamics))
+    assert all(np.all(g == 0) for g in leaves(grads[False][0]))
+    for a, c in zip(leaves(grads[True][1]), leaves(grads[False][1])):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)

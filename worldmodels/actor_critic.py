@@ -38,6 +38,7 @@ class ActorCriticConfig:
     actor_scale: float = 1.0
     critic_scale: float = 1.0
     repval_scale: float = 0.3  # critic loss on lambda returns of the replayed sequences (0: off)
+    repval_grad: bool = True  # that loss also trains the world model (the reference's default)
     norm: Norm = "rms"
 
 

@@ -222,10 +222,12 @@ def _replay_value_loss(wm: WorldModel, critic: Critic, state: AgentState, batch:
 
     Targets are lambda returns over the real rewards, bootstrapped from the imagined return `boot`
     of each replayed step; the recursion stops at episode ends (`is_last`) and the bootstrap at
-    terminal steps.
+    terminal steps. With `repval_grad` its gradient also reaches the world model through `post`.
     """
     ac = state.config.actor_critic
-    pfeat = sg(wm.dynamics.policy_features(post))
+    pfeat = wm.dynamics.policy_features(post)
+    if not ac.repval_grad:
+        pfeat = sg(pfeat)
     reward = batch["reward"].astype(jnp.float32)
     term = batch["is_terminal"].astype(jnp.float32)
     last = batch["is_last"].astype(jnp.float32)
