@@ -200,3 +200,20 @@ def test_replay_value_loss_reaches_the_world_model_only_with_repval_grad():
     assert all(np.all(g == 0) for g in leaves(grads[False][0]))
     for a, c in zip(leaves(grads[True][1]), leaves(grads[False][1])):
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
+
+
+def test_continue_target_is_discounted_with_contdisc():
+    """2024 (contdisc): the continue head learns (1 - is_terminal) * gamma; 2023: 1 - is_terminal."""
+    state = tiny_agent()
+    wm = state.world_model
+    batch = dict(sine_batch())
+    batch["is_terminal"] = np.zeros_like(batch["is_terminal"])
+    batch["is_terminal"][1, 5] = True
+    b = batch["is_first"].shape[0]
+    for discount in (1.0, 0.9):
+        _, (post, metrics) = wm.loss(batch, wm.dynamics.initial(b), jax.random.PRNGKey(0), discount)
+        logit = np.asarray(wm.cont(wm.dynamics.features(post)).logit, np.float64)
+        target = discount * (1.0 - batch["is_terminal"])
+        log_sig = lambda x: -np.logaddexp(0.0, -x)
+        expected = -(target * log_sig(logit) + (1 - target) * log_sig(-logit)).mean()
+        np.testing.assert_allclose(float(metrics["loss/cont"]), expected, rtol=1e-5)

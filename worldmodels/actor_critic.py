@@ -21,6 +21,10 @@ class ActorCriticConfig:
     layers: int = 3
     horizon: int = 15  # imagination steps
     discount_horizon: float = 333.0  # gamma = 1 - 1 / discount_horizon
+    # 2024: the continue head learns (1 - terminal) * gamma and its predictions are the discounts of
+    # every imagined step. 2023 (False): it learns 1 - terminal, imagination multiplies by gamma, and
+    # the first imagined step (a replayed state) continues unless it was terminal.
+    contdisc: bool = True
     lam: float = 0.95
     entropy: float = 3e-4
     unimix: float = 0.01

@@ -174,7 +174,8 @@ def _losses(params: tuple[WorldModel, Actor, Critic], state: AgentState, batch: 
     ac = state.config.actor_critic
     k1, k2 = jax.random.split(key)
     b, t = batch["is_first"].shape
-    wm_loss, (post, metrics) = wm.loss(batch, wm.dynamics.initial(b), k1)
+    gamma = 1.0 - 1.0 / ac.discount_horizon
+    wm_loss, (post, metrics) = wm.loss(batch, wm.dynamics.initial(b), k1, gamma if ac.contdisc else 1.0)
 
     # Imagination starts from every posterior state; only the actor's log-probs and the critic's
     # outputs carry gradients (REINFORCE; the world model learns from its own loss alone).
@@ -185,13 +186,16 @@ def _losses(params: tuple[WorldModel, Actor, Critic], state: AgentState, batch: 
     pfeat = wm_fixed.dynamics.policy_features(states)
     reward = wm_fixed.reward(feat[:, 1:]).mean()
     cont = wm_fixed.cont(feat).mean()
-    cont = cont.at[:, 0].set(1.0 - batch["is_terminal"].reshape(-1).astype(jnp.float32))
-    gamma = 1.0 - 1.0 / ac.discount_horizon
+    if ac.contdisc:  # the predicted continues already include gamma
+        disc = 1.0
+    else:
+        cont = cont.at[:, 0].set(1.0 - batch["is_terminal"].reshape(-1).astype(jnp.float32))
+        disc = gamma
 
     value_dist = critic(pfeat)
     value = sg(value_dist.mean())
-    ret = lambda_return(reward, gamma * cont[:, 1:], value[:, 1:], ac.lam)
-    weight = sg(jnp.cumprod(gamma * cont, 1) / gamma)[:, :-1]
+    ret = lambda_return(reward, disc * cont[:, 1:], value[:, 1:], ac.lam)
+    weight = sg(jnp.cumprod(disc * cont, 1) / disc)[:, :-1]
     retnorm = return_norm_update(state.retnorm, ret, ac)
     scale = return_norm_scale(retnorm, ac)
     adv = (ret - value[:, :-1]) / scale

@@ -184,13 +184,14 @@ class WorldModel(eqx.Module):
     def cont(self, feat: Float[Array, "... f"]) -> Bernoulli:
         return Bernoulli(self.cont_head(feat)[..., 0])
 
-    def loss(self, data: Mapping[str, Array], state: State, key: PRNGKeyArray
+    def loss(self, data: Mapping[str, Array], state: State, key: PRNGKeyArray, cont_discount: float = 1.0
              ) -> tuple[Float[Array, ""], tuple[State, dict[str, Array]]]:
         """World-model loss on a replayed batch.
 
         **Arguments:** `data` with observation keys `[B, T, ...]`, `action` `[B, T, A]` (the action
         into each step), `reward`, `is_first`, `is_terminal` `[B, T]`; `state`: the sequence model's
-        state before the first step (`[B]`).
+        state before the first step (`[B]`); `cont_discount`: the continue head learns
+        `(1 - is_terminal) * cont_discount` (DreamerV3 2024 passes gamma, so it predicts the discount).
 
         **Returns:** (scalar loss averaged over B x T, (posterior states `[B, T]`, metrics)).
         """
@@ -201,7 +202,7 @@ class WorldModel(eqx.Module):
         feat = self.dynamics.features(post)
         rec = self.decoder.loss(feat, data)
         rew = -self.reward(feat).log_prob(data["reward"].astype(jnp.float32))
-        con = -self.cont(feat).log_prob(1.0 - data["is_terminal"].astype(jnp.float32))
+        con = -self.cont(feat).log_prob(cont_discount * (1.0 - data["is_terminal"].astype(jnp.float32)))
         total = (c.rec_scale * sum(rec.values()) + c.reward_scale * rew + c.cont_scale * con
                  + c.dyn_scale * dyn + c.rep_scale * rep)
         metrics = {"loss/dyn": dyn.mean(), "loss/rep": rep.mean(), "loss/reward": rew.mean(),
