@@ -85,6 +85,19 @@ def test_conv_encoder_decoder_shapes_for_powers_of_two():
         out = enc(jnp.zeros((2, 5, side, side, 3), jnp.uint8))
         assert out.shape == (2, 5, 4 * 4 * channels) and len(enc.convs) == stages
         dec = ConvDecoder(7, side, 3, 2, key=jax.random.PRNGKey(1))
-        assert dec(jnp.zeros((2, 5, 7))).shape == (2, 5, side, side, 3)
+        image = dec(jax.random.normal(jax.random.PRNGKey(2), (2, 5, 7)))
+        # the last upsampling feeds the output conv directly (no conv at full resolution)
+        assert image.shape == (2, 5, side, side, 3) and len(dec.convs) == stages - 1
+        assert float(image.min()) > 0 and float(image.max()) < 1  # sigmoid, target image / 255
     with pytest.raises(ValueError, match="power of two"):
         ConvEncoder(48, 3, 2, key=jax.random.PRNGKey(0))
+
+
+def test_conv_encoder_stage_is_conv_pool_norm_silu():
+    enc = ConvEncoder(8, 3, 2, key=jax.random.PRNGKey(0))  # one stage: 8x8 -> 4x4, 4 channels
+    enc = eqx.tree_at(lambda e: e.norms[0].scale, enc, jnp.array([0.5, 1.0, 1.5, 2.0]))
+    image = jax.random.randint(jax.random.PRNGKey(1), (2, 8, 8, 3), 0, 256).astype(jnp.uint8)
+    x = np.asarray(enc.convs[0](image.astype(jnp.float32) / 255.0 - 0.5), np.float64)
+    x = x.reshape(2, 4, 2, 4, 2, 4).max((2, 4))
+    x = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-4) * np.array([0.5, 1.0, 1.5, 2.0])
+    np.testing.assert_allclose(enc(image), (x / (1 + np.exp(-x))).reshape(2, -1), rtol=1e-5, atol=1e-6)

@@ -91,7 +91,7 @@ class Encoder(eqx.Module):
 class Decoder(eqx.Module):
     """Features `[..., F]` -> reconstruction loss per step `[...]` (negative log-likelihood).
 
-    Images: MSE summed over pixels against image / 255 - 0.5. Vectors: MSE in symlog space.
+    Images: MSE summed over pixels against image / 255. Vectors: MSE in symlog space.
     """
 
     image_keys: tuple[str, ...] = eqx.field(static=True)
@@ -117,7 +117,7 @@ class Decoder(eqx.Module):
             self.vector_out = Linear(config.units, sum(self.vector_dims), key=k3)
 
     def __call__(self, feat: Float[Array, "... f"]) -> dict[str, Array]:
-        """Predicted image(s) (in [-0.5, 0.5] units) and symlog vectors, by key."""
+        """Predicted image(s) (in [0, 1]) and symlog vectors, by key."""
         out = {}
         if self.cnn is not None:
             images = self.cnn(feat)
@@ -134,7 +134,7 @@ class Decoder(eqx.Module):
         pred = self(feat)
         losses = {}
         for k in self.image_keys:
-            target = obs[k].astype(jnp.float32) / 255.0 - 0.5
+            target = obs[k].astype(jnp.float32) / 255.0
             losses[k] = jnp.sum(jnp.square(pred[k] - target), (-3, -2, -1))
         for k in self.vector_keys:
             losses[k] = jnp.sum(jnp.square(pred[k] - symlog(obs[k].astype(jnp.float32))), -1)

@@ -36,8 +36,9 @@ def _stages(resolution: int, min_resolution: int) -> int:
 class ConvEncoder(eqx.Module):
     """uint8 images `[..., H, W, C]` -> flat features `[..., D]`.
 
-    Each stage: conv (kernel 5, stride 1) -> norm -> SiLU -> 2x2 max-pool, channels `depth * mults`,
+    Each stage: conv (kernel 5, stride 1) -> 2x2 max-pool -> norm -> SiLU, channels `depth * mults`,
     until the side is `min_resolution` (64x64 -> 4x4 with four stages), as in DreamerV3 (2024).
+    Pixels enter as image / 255 - 0.5.
     """
 
     convs: tuple[Conv, ...]
@@ -61,19 +62,20 @@ class ConvEncoder(eqx.Module):
         batch = image.shape[:-3]
         x = image.reshape(-1, *image.shape[-3:]).astype(jnp.float32) / 255.0 - 0.5
         for conv, norm in zip(self.convs, self.norms):
-            x = jax.nn.silu(norm(conv(x)))
-            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+            x = jax.lax.reduce_window(conv(x), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+            x = jax.nn.silu(norm(x))
         return x.reshape(*batch, -1)
 
 
 class ConvDecoder(eqx.Module):
-    """Features `[..., D]` -> images `[..., H, W, C]` in [-0.5, 0.5] units (target: image / 255 - 0.5).
-
-    Linear to a `min_resolution` grid, then per stage: nearest 2x upsampling -> conv -> norm -> SiLU;
-    a last conv maps to the image channels.
+    """Features `[..., D]` -> images `[..., H, W, C]` in [0, 1] (target: image / 255), as in DreamerV3
+    (2024): Linear -> norm -> SiLU to a `min_resolution` grid of `depth * mults[-1]` channels; then
+    per stage nearest 2x upsampling -> conv -> norm -> SiLU, channels `depth * mults` in reverse; a
+    last upsampling and conv to the image channels, then a sigmoid.
     """
 
     linear: Linear
+    linear_norm: Normalize
     convs: tuple[Conv, ...]
     norms: tuple[Normalize, ...]
     out: Conv
@@ -84,13 +86,16 @@ class ConvDecoder(eqx.Module):
                  mults: tuple[int, ...] = (2, 3, 4, 4), kernel: int = 5, min_resolution: int = 4,
                  norm: Norm = "rms"):
         stages = _stages(resolution, min_resolution)
+        if stages < 1:
+            raise ValueError(f"image side {resolution} must be at least {2 * min_resolution} to decode")
+        # the encoder's widths, read from the smallest grid back up; the last upsampling has no norm
         widths = [depth * mults[min(i, len(mults) - 1)] for i in range(stages)][::-1]
-        keys = jax.random.split(key, stages + 2)
+        keys = jax.random.split(key, stages + 1)
         self.linear = Linear(din, min_resolution * min_resolution * widths[0], key=keys[0])
-        dims = widths + [widths[-1]]
-        self.convs = tuple(Conv(dims[i], dims[i + 1], kernel, key=keys[i + 1]) for i in range(stages))
-        self.norms = tuple(Normalize(dims[i + 1], norm) for i in range(stages))
-        self.out = Conv(dims[-1], channels, kernel, key=keys[-1])
+        self.linear_norm = Normalize(widths[0], norm)
+        self.convs = tuple(Conv(widths[i], widths[i + 1], kernel, key=keys[i + 1]) for i in range(stages - 1))
+        self.norms = tuple(Normalize(widths[i + 1], norm) for i in range(stages - 1))
+        self.out = Conv(widths[-1], channels, kernel, key=keys[-1])
         self.min_resolution = min_resolution
         self.channels = channels
 
@@ -98,8 +103,9 @@ class ConvDecoder(eqx.Module):
         batch = feat.shape[:-1]
         r = self.min_resolution
         x = self.linear(feat.reshape(-1, feat.shape[-1])).reshape(-1, r, r, self.linear.bias.shape[0] // (r * r))
+        x = jax.nn.silu(self.linear_norm(x))
         for conv, norm in zip(self.convs, self.norms):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             x = jax.nn.silu(norm(conv(x)))
-        x = self.out(x)
+        x = jax.nn.sigmoid(self.out(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)))
         return x.reshape(*batch, *x.shape[1:])
