@@ -143,7 +143,8 @@ def test_actor_and_critic_learning_rates_scale_their_updates_only():
     import equinox as eqx
 
     def deltas(**lrs):
-        config = make_config(["debug"], {"agent.optim.lr": 1e-3, **{f"agent.optim.{k}": v for k, v in lrs.items()}})
+        options = {"agent.optim.lr": 1e-3, "agent.optim.warmup": 0, **{f"agent.optim.{k}": v for k, v in lrs.items()}}
+        config = make_config(["debug"], options)
         state = agent_lib.init(config.agent, OBS_SPEC, agent_lib.ActionSpec(2, True), jax.random.PRNGKey(0))
         before = agent_lib.copy_state(state)
         after, _ = agent_lib.train(state, sine_batch(), jax.random.PRNGKey(1))

@@ -21,17 +21,19 @@ def test_agc_clips_each_tensor_relative_to_its_parameter_norm():
 
 
 def test_first_updates_match_hand_computation():
-    # RMS scaling and momentum are both debiased: the first update is -lr_0 * sign(g) elementwise,
-    # with lr_0 = lr * 1 / warmup; the second (same gradient) is -lr_1 * sign(g), lr_1 = 2 lr / warmup.
+    # RMS scaling and momentum are both debiased: with the same gradient each update is
+    # -lr_k * sign(g) elementwise, where the warmup ramp lr_k = lr * k / warmup starts at 0.
     config = OptimConfig(lr=1e-3, warmup=10, agc=1e6)
     opt = make_optimizer(config)
     params = {"w": jnp.array([1.0, -2.0, 0.5])}
     grads = {"w": jnp.array([0.2, -5.0, 1e-3])}
     state = opt.init(params)
-    updates, state = opt.update(grads, state, params)
-    np.testing.assert_allclose(updates["w"], -1e-4 * np.sign(grads["w"]), rtol=1e-5)
-    updates, state = opt.update(grads, state, params)
-    np.testing.assert_allclose(updates["w"], -2e-4 * np.sign(grads["w"]), rtol=1e-5)
+    for k in range(3):
+        updates, state = opt.update(grads, state, params)
+        np.testing.assert_allclose(updates["w"], -1e-4 * k * np.sign(grads["w"]), rtol=1e-5)
+    state = make_optimizer(OptimConfig(lr=1e-3, warmup=0, agc=1e6)).init(params)
+    updates, _ = make_optimizer(OptimConfig(lr=1e-3, warmup=0, agc=1e6)).update(grads, state, params)
+    np.testing.assert_allclose(updates["w"], -1e-3 * np.sign(grads["w"]), rtol=1e-5)  # no warmup: full lr
 
 
 def test_weight_decay_skips_ssm_parameters():
@@ -42,7 +44,7 @@ def test_weight_decay_skips_ssm_parameters():
     params = Block(ssm={"lambda_re": jnp.ones(2)}, dense=jnp.ones(2))
     mask = decay_mask(params)
     assert mask.ssm["lambda_re"] is False and mask.dense is True
-    opt = make_optimizer(OptimConfig(lr=1.0, warmup=1, weight_decay=0.5, agc=1e6))
+    opt = make_optimizer(OptimConfig(lr=1.0, warmup=0, weight_decay=0.5, agc=1e6))
     zero = jax.tree.map(jnp.zeros_like, params)
     # With zero gradients the only update is the decay: -lr * wd * param, and none on the SSM part.
     updates, _ = opt.update(zero, opt.init(params), params)

@@ -59,5 +59,7 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
         optax.scale_by_rms(decay=config.beta2, eps=config.eps, eps_in_sqrt=False, bias_correction=True),
         optax.ema(config.beta1, debias=True),
         *decay,
-        optax.scale_by_learning_rate(lambda count: config.lr * jnp.minimum(1.0, (count + 1) / max(config.warmup, 1))),
+        # as the reference: the ramp starts at 0, so the first update only fills the statistics
+        optax.scale_by_learning_rate(
+            optax.linear_schedule(0.0, config.lr, config.warmup) if config.warmup else config.lr),
     )
