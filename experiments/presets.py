@@ -14,7 +14,7 @@ FAST_MODEL = {"agent.optim.lr": 1e-3, "agent.optim.actor_lr": 1e-4, "agent.optim
               "agent.optim.warmup": 100}
 
 RUN_PRESETS = {
-    # The README's default run: CartPole-v1 with the size1m model, about 10 minutes on 2 CPU cores.
+    # The README's default run: CartPole-v1 with the size1m model, 5-8 minutes on 2 CPU cores.
     "cartpole": {"run.env": "gym:CartPole-v1", "run.steps": 12_000, "run.train_ratio": 64.0,
                  "run.batch_size": 16, "run.seq_len": 64, "run.log_every": 1000, **FAST_LEARNING},
     # bsuite catch: 9-step episodes; the learning benchmark's setting. The ball is one pixel of 50 and

@@ -3,7 +3,7 @@
 Presets apply in order on top of the defaults, then explicit options override them. The resolved
 config is printed and saved as `<logdir>/config.json`; starting again in the same logdir resumes.
 Examples:
-    python -m experiments.train --preset size1m cartpole          # the default run: ~8 minutes on 2 CPU cores
+    python -m experiments.train --preset size1m cartpole          # the default run: 5-8 minutes on 2 CPU cores
     python -m experiments.train --env bsuite/catch/0 --preset catch
     python -m experiments.train --env gym:Pendulum-v1 --run.steps 50000 --run.logdir runs/pendulum
     python -m experiments.train --env bsuite/catch/0 --preset catch --device-loop   # JAX env, one compiled loop

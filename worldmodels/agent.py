@@ -178,7 +178,7 @@ def _losses(params: tuple[WorldModel, Actor, Critic], state: AgentState, batch: 
     wm_loss, (post, metrics) = wm.loss(batch, wm.dynamics.initial(b), k1, gamma if ac.contdisc else 1.0)
 
     # Imagination starts from every posterior state; only the actor's log-probs and the critic's
-    # outputs carry gradients (REINFORCE; the world model learns from its own loss alone).
+    # outputs carry gradients (REINFORCE; no gradient flows back through imagination).
     start = jax.tree.map(lambda x: sg(x.reshape(b * t, *x.shape[2:])), post)
     wm_fixed, actor_fixed = sg(wm), sg(actor)
     states, actions = wm_fixed.imagine(start, lambda f, k: actor_fixed(f).sample(k), ac.horizon, k2)
