@@ -40,3 +40,11 @@ def test_cpu_presets_build_a_small_agent_and_a_replay_that_fits(name):
     assert params < 5e6, params  # trainable on 2 CPU cores
     step_bytes = (64 * 64 * 3 if images else 8 * 4) + 6 * 4 + 4 + 3
     assert config.run.replay_capacity * step_bytes < 4 * 2**30  # a 24 GiB machine keeps room to train
+
+
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if n.startswith("r2i")))
+def test_r2i_presets_use_the_2023_continue_scheme_and_dreamer_presets_the_2024_one(name):
+    r2i = make_config([name]).agent.actor_critic
+    assert not r2i.contdisc and not r2i.repval_grad
+    dreamer = make_config(["size1m", "dreamer-bsuite-cpu"]).agent.actor_critic
+    assert dreamer.contdisc and dreamer.repval_grad
