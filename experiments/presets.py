@@ -80,9 +80,11 @@ R2I_PRESETS = {
     "r2i-bsuite-cpu": {**_s3m(128, 64, 32, 2, "hidden", discretization="zoh", learned_initial=False, hidden=64,
                                stoch=4, classes=4),
                        **_actor_critic(2, 64), **_MEMORY_CPU},
+    # block_fan_in "block": with the reference's smaller GRU init this 128-unit model stayed at chance on
+    # memory_len/9 through 11k env steps in 3 runs; with it, 2 runs learned by 7k (one seed each).
     "dreamer-bsuite-cpu": {"agent.world_model.sequence.rssm.deter": 128, "agent.world_model.sequence.rssm.hidden": 64,
                            "agent.world_model.sequence.rssm.stoch": 4, "agent.world_model.sequence.rssm.classes": 4,
-                           **_actor_critic(2, 64), **_MEMORY_CPU},
+                           "agent.world_model.sequence.rssm.block_fan_in": "block", **_actor_critic(2, 64), **_MEMORY_CPU},
 }
 RUN_PRESETS.update(R2I_PRESETS)
 

@@ -58,6 +58,8 @@ def test_initial_weight_scales_follow_the_reference():
         assert np.abs(w).max() <= 2 * outscale / np.sqrt(512) / 0.8796 + 1e-7
     w = np.asarray(BlockLinear(1024, 512, 8, key=key).weight)
     assert w.shape == (8, 128, 64) and abs(w.std() * np.sqrt(1024) - 1.0) < 0.01
+    w = np.asarray(BlockLinear(1024, 512, 8, key=key, per_block_fan_in=True).weight)
+    assert abs(w.std() * np.sqrt(128) - 1.0) < 0.01
 
 
 def test_grouped_norm_equals_the_norm_of_the_whole_vector():

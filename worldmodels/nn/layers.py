@@ -120,18 +120,19 @@ class BlockLinear(eqx.Module):
     Input `[..., blocks * din_per_block]` -> output `[..., blocks * dout_per_block]`; parameters and
     FLOPs are `1 / blocks` of a dense layer of the same size. The initial weights are scaled by the
     whole input size `din`, as in the reference (its fan-in of a `[blocks, i, o]` kernel is
-    `blocks * i`).
+    `blocks * i`), or with `per_block_fan_in` by one block's input `din / blocks`.
     """
 
     weight: Float[Array, "g din dout"]
     bias: Float[Array, " gdout"]
     blocks: int = eqx.field(static=True)
 
-    def __init__(self, din: int, dout: int, blocks: int, *, key: PRNGKeyArray):
+    def __init__(self, din: int, dout: int, blocks: int, *, key: PRNGKeyArray, per_block_fan_in: bool = False):
         if din % blocks or dout % blocks:
             raise ValueError(f"BlockLinear: din={din} and dout={dout} must be divisible by blocks={blocks}")
         self.blocks = blocks
-        self.weight = trunc_normal_init(key, (blocks, din // blocks, dout // blocks), din)
+        self.weight = trunc_normal_init(key, (blocks, din // blocks, dout // blocks),
+                                        din // blocks if per_block_fan_in else din)
         self.bias = jnp.zeros((dout,))
 
     def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
