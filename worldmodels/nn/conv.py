@@ -33,6 +33,11 @@ def _stages(resolution: int, min_resolution: int) -> int:
     return int(math.log2(resolution // min_resolution))
 
 
+def _upsample(x: Float[Array, "n h w c"]) -> Float[Array, "n 2h 2w c"]:
+    """Nearest-neighbour 2x upsampling."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
 class ConvEncoder(eqx.Module):
     """uint8 images `[..., H, W, C]` -> flat features `[..., D]`.
 
@@ -105,7 +110,7 @@ class ConvDecoder(eqx.Module):
         x = self.linear(feat.reshape(-1, feat.shape[-1])).reshape(-1, r, r, self.linear.bias.shape[0] // (r * r))
         x = jax.nn.silu(self.linear_norm(x))
         for conv, norm in zip(self.convs, self.norms):
-            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+            x = _upsample(x)
             x = jax.nn.silu(norm(conv(x)))
-        x = jax.nn.sigmoid(self.out(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)))
+        x = jax.nn.sigmoid(self.out(_upsample(x)))
         return x.reshape(*batch, *x.shape[1:])

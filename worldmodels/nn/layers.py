@@ -57,27 +57,23 @@ class Normalize(eqx.Module):
         self.offset = jnp.zeros((dim,)) if kind == "layer" else None
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-        if self.kind == "none":
-            return x
-        if self.kind == "rms":
-            x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps)
-            return x * self.scale
-        mean = jnp.mean(x, -1, keepdims=True)
-        var = jnp.var(x, -1, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale + self.offset
+        return self._normalize(x, -1, (-1,))
 
     def grouped(self, x: Float[Array, "g n p"]) -> Float[Array, "g n p"]:
         """The same norm of `n` vectors of size `d = g * p` stored group-major (`x[i, j]` holds
         elements `i * p ... (i + 1) * p` of vector `j`): statistics over each whole vector."""
+        return self._normalize(x, (0, 2), (x.shape[0], 1, x.shape[2]))
+
+    def _normalize(self, x: Array, axes: int | tuple[int, ...], param_shape: tuple[int, ...]) -> Array:
+        """Normalise over `axes`; the scale (and offset) reshaped to `param_shape` to broadcast."""
         if self.kind == "none":
             return x
-        g, _, p = x.shape
-        scale = self.scale.reshape(g, 1, p)
+        scale = self.scale.reshape(param_shape)
         if self.kind == "rms":
-            return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), (0, 2), keepdims=True) + self.eps) * scale
-        mean = jnp.mean(x, (0, 2), keepdims=True)
-        var = jnp.var(x, (0, 2), keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + self.offset.reshape(g, 1, p)
+            return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axes, keepdims=True) + self.eps) * scale
+        mean = jnp.mean(x, axes, keepdims=True)
+        var = jnp.var(x, axes, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + self.offset.reshape(param_shape)
 
 
 class DenseBlock(eqx.Module):
