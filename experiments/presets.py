@@ -33,17 +33,18 @@ def register() -> None:
 
 
 # R2I's code builds on DreamerV3 (2023): the continue head learns 1 - terminal and gamma is applied in
-# imagination. It has no replay value loss; these presets keep it, without gradient into the world
-# model, as they were measured.
-R2I_ACTOR_CRITIC = {"agent.actor_critic.contdisc": False, "agent.actor_critic.repval_grad": False}
+# imagination, and the image decoder reads the features through one dense Linear. It has no replay
+# value loss; these presets keep it, without gradient into the world model, as they were measured.
+R2I_CHOICES = {"agent.actor_critic.contdisc": False, "agent.actor_critic.repval_grad": False,
+               "agent.world_model.decoder_blocks": 0}
 
 
 def _s3m(deter: int, width: int, state: int, layers: int, policy_input: str, **extra) -> dict:
-    """The S3M sequence model with R2I's actor-critic choices."""
+    """The S3M sequence model with R2I's choices."""
     s = "agent.world_model.sequence.s3m."
     return {"agent.world_model.sequence.model": "s3m", s + "deter": deter, s + "width": width,
             s + "state_size": state, s + "layers": layers, s + "policy_input": policy_input,
-            **{s + k: v for k, v in extra.items()}, **R2I_ACTOR_CRITIC}
+            **{s + k: v for k, v in extra.items()}, **R2I_CHOICES}
 
 
 def _actor_critic(layers: int, units: int) -> dict:

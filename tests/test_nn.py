@@ -95,6 +95,29 @@ def test_conv_encoder_decoder_shapes_for_powers_of_two():
         ConvEncoder(48, 3, 2, key=jax.random.PRNGKey(0))
 
 
+def test_block_decoder_grid_follows_the_reference_layout():
+    """The reference's block input: deter (first 8 features) through a 2-block BlockLinear whose output
+    is read as (block, h, w, c) and laid out as [h, w, (block, c)], plus stoch (last 4 features)
+    through Linear -> RMSNorm -> SiLU -> Linear read as [h, w, c]. Checked with dense numpy matrices."""
+    dec = ConvDecoder(12, 8, 3, 2, key=jax.random.PRNGKey(0), blocks=2, deter_dim=8, hidden=5)  # 4x4x4 grid
+    dec = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(3), x.shape), dec)  # biases, scales
+    feat = np.random.default_rng(0).normal(size=(3, 12)).astype(np.float32)
+    w = np.asarray(dec.grid_from_deter.weight, np.float64)  # [2, 4, 32]
+    dense = np.zeros((8, 64))
+    dense[:4, :32], dense[4:, 32:] = w[0], w[1]
+    from_deter = feat[:, :8] @ dense + np.asarray(dec.grid_from_deter.bias)
+    from_deter = from_deter.reshape(3, 2, 4, 4, 2).transpose(0, 2, 3, 1, 4).reshape(3, 4, 4, 4)
+    hid = dec.stoch_hidden
+    h = feat[:, 8:] @ np.asarray(hid.linear.weight, np.float64) + np.asarray(hid.linear.bias)
+    h = h / np.sqrt(np.mean(h * h, -1, keepdims=True) + 1e-4) * np.asarray(hid.norm.scale)
+    h = h / (1 + np.exp(-h))
+    from_stoch = h @ np.asarray(dec.grid_from_stoch.weight, np.float64) + np.asarray(dec.grid_from_stoch.bias)
+    expected = from_deter + from_stoch.reshape(3, 4, 4, 4)
+    np.testing.assert_allclose(dec._grid(jnp.asarray(feat)), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="decoder_blocks"):
+        ConvDecoder(12, 8, 3, 2, key=jax.random.PRNGKey(0), blocks=3, deter_dim=8, hidden=5)
+
+
 def test_conv_encoder_stage_is_conv_pool_norm_silu():
     enc = ConvEncoder(8, 3, 2, key=jax.random.PRNGKey(0))  # one stage: 8x8 -> 4x4, 4 channels
     enc = eqx.tree_at(lambda e: e.norms[0].scale, enc, jnp.array([0.5, 1.0, 1.5, 2.0]))

@@ -59,8 +59,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "size200m": _size(8192, 1024, 64, 64),
     "size400m": _size(12288, 1536, 96, 96),
     # A tiny model for tests and smoke runs.
+    # Its image decoder has 2 blocks: its grid's 6 channels (depth 2) do not divide into 8.
     "debug": {**_size(64, 32, 4, 2), "agent.world_model.sequence.rssm.stoch": 8, "agent.world_model.layers": 2,
-              "agent.actor_critic.layers": 2, "agent.optim.warmup": 10, "run.batch_size": 4, "run.seq_len": 16,
+              "agent.actor_critic.layers": 2, "agent.world_model.decoder_blocks": 2, "agent.optim.warmup": 10,
+              "run.batch_size": 4, "run.seq_len": 16,
               "run.train_start": 64, "run.steps": 512, "run.log_every": 128, "run.checkpoint_every": 256,
               "run.replay_capacity": 10_000, "run.tensorboard": False, "run.progress": False},
 }

@@ -29,6 +29,10 @@ class WorldModelConfig:
     layers: int = 3  # layers of the vector encoder/decoder MLPs
     head_layers: int = 1  # layers of the reward and continue heads
     cnn_depth: int = 4
+    # The image decoder's first layer (DreamerV3 2024's default): the deterministic state through this
+    # many block-diagonal blocks plus the stochastic latent through a 2-layer MLP of 2 x `units`.
+    # 0: one dense Linear from all the features (DreamerV3 2023, R2I).
+    decoder_blocks: int = 8
     image_keys: str = r".*"  # regex over observation keys: which images to encode and decode
     vector_keys: str = r".*"  # regex over observation keys: which vectors to encode and decode
     bins: int = 255
@@ -102,7 +106,9 @@ class Decoder(eqx.Module):
     mlp: MLP | None
     vector_out: Linear | None
 
-    def __init__(self, spec: ObsSpec, feat_dim: int, config: WorldModelConfig, *, key: PRNGKeyArray):
+    def __init__(self, spec: ObsSpec, feat_dim: int, config: WorldModelConfig, *, key: PRNGKeyArray,
+                 deter_dim: int = 0):
+        """`deter_dim`: how many leading features are the deterministic state (for the block decoder)."""
         self.image_keys, self.vector_keys = split_keys(spec, config)
         self.vector_dims = tuple(spec[k][0][0] for k in self.vector_keys)
         self.image_channels = tuple(spec[k][0][2] for k in self.image_keys)
@@ -111,7 +117,11 @@ class Decoder(eqx.Module):
         if self.image_keys:
             h = spec[self.image_keys[0]][0][0]
             channels = sum(spec[k][0][2] for k in self.image_keys)
-            self.cnn = ConvDecoder(feat_dim, h, channels, config.cnn_depth, key=k1, norm=config.norm)
+            if config.decoder_blocks and not deter_dim:
+                raise ValueError("the block image decoder needs the sequence model's deter_dim (the leading "
+                                 "features that are its deterministic state); set world_model.decoder_blocks=0")
+            self.cnn = ConvDecoder(feat_dim, h, channels, config.cnn_depth, key=k1, norm=config.norm,
+                                   blocks=config.decoder_blocks, deter_dim=deter_dim, hidden=2 * config.units)
         if self.vector_keys:
             self.mlp = MLP(feat_dim, config.units, config.layers, key=k2, norm=config.norm)
             self.vector_out = Linear(config.units, sum(self.vector_dims), key=k3)
@@ -173,7 +183,7 @@ class WorldModel(eqx.Module):
         self.encoder = Encoder(obs_spec, config, key=k1)
         self.dynamics = make_sequence_model(config.sequence, self.encoder.out_dim, action_dim, key=k2)
         feat = self.dynamics.feature_dim
-        self.decoder = Decoder(obs_spec, feat, config, key=k3)
+        self.decoder = Decoder(obs_spec, feat, config, key=k3, deter_dim=self.dynamics.deter_dim)
         self.reward_head = Head(feat, config.bins, config.units, config.head_layers, key=k4, zero_init=True,
                                 norm=config.norm)
         self.cont_head = Head(feat, 1, config.units, config.head_layers, key=k5, norm=config.norm)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
-from worldmodels.nn.layers import Linear, Norm, Normalize, trunc_normal_init
+from worldmodels.nn.layers import BlockLinear, DenseBlock, Linear, Norm, Normalize, trunc_normal_init
 
 
 class Conv(eqx.Module):
@@ -74,41 +74,73 @@ class ConvEncoder(eqx.Module):
 
 class ConvDecoder(eqx.Module):
     """Features `[..., D]` -> images `[..., H, W, C]` in [0, 1] (target: image / 255), as in DreamerV3
-    (2024): Linear -> norm -> SiLU to a `min_resolution` grid of `depth * mults[-1]` channels; then
-    per stage nearest 2x upsampling -> conv -> norm -> SiLU, channels `depth * mults` in reverse; a
-    last upsampling and conv to the image channels, then a sigmoid.
+    (2024): the features become a `min_resolution` grid of `depth * mults[-1]` channels, then norm ->
+    SiLU; then per stage nearest 2x upsampling -> conv -> norm -> SiLU, channels `depth * mults` in
+    reverse; a last upsampling and conv to the image channels, then a sigmoid.
+
+    The grid: with `blocks` > 0 (the reference's default, 8), the first `deter_dim` features (the
+    deterministic state) pass through block-diagonal weights, block g making channels
+    [g * c / blocks, (g + 1) * c / blocks) of every grid position, plus the rest (the stochastic
+    latent) through Linear(`hidden`) -> norm -> SiLU -> Linear: ~2/5 of a dense map's parameters
+    (16.8M instead of 41.9M at size200m). With `blocks` = 0, one dense Linear reads all the features
+    (2023, R2I).
     """
 
-    linear: Linear
-    linear_norm: Normalize
+    grid_dense: Linear | None
+    grid_from_deter: BlockLinear | None
+    stoch_hidden: DenseBlock | None
+    grid_from_stoch: Linear | None
+    grid_norm: Normalize
     convs: tuple[Conv, ...]
     norms: tuple[Normalize, ...]
     out: Conv
     min_resolution: int = eqx.field(static=True)
     channels: int = eqx.field(static=True)
+    deter_dim: int = eqx.field(static=True)
 
     def __init__(self, din: int, resolution: int, channels: int, depth: int, *, key: PRNGKeyArray,
                  mults: tuple[int, ...] = (2, 3, 4, 4), kernel: int = 5, min_resolution: int = 4,
-                 norm: Norm = "rms"):
+                 norm: Norm = "rms", blocks: int = 0, deter_dim: int = 0, hidden: int = 0):
         stages = _stages(resolution, min_resolution)
         if stages < 1:
             raise ValueError(f"image side {resolution} must be at least {2 * min_resolution} to decode")
         # the encoder's widths, read from the smallest grid back up; the last upsampling has no norm
         widths = [depth * mults[min(i, len(mults) - 1)] for i in range(stages)][::-1]
-        keys = jax.random.split(key, stages + 1)
-        self.linear = Linear(din, min_resolution * min_resolution * widths[0], key=keys[0])
-        self.linear_norm = Normalize(widths[0], norm)
-        self.convs = tuple(Conv(widths[i], widths[i + 1], kernel, key=keys[i + 1]) for i in range(stages - 1))
+        keys = jax.random.split(key, stages + 3)
+        grid = min_resolution * min_resolution * widths[0]
+        self.grid_dense = self.grid_from_deter = self.stoch_hidden = self.grid_from_stoch = None
+        if blocks:
+            if not 0 < deter_dim < din or deter_dim % blocks or widths[0] % blocks or hidden < 1:
+                raise ValueError(
+                    f"block decoder input: needs 0 < deter_dim < din (got {deter_dim}, {din}), deter_dim and the "
+                    f"grid's {widths[0]} channels divisible by blocks={blocks}, and hidden >= 1 (got {hidden}); "
+                    "choose another world_model.decoder_blocks, or 0 for one dense Linear")
+            self.grid_from_deter = BlockLinear(deter_dim, grid, blocks, key=keys[0])
+            self.stoch_hidden = DenseBlock(din - deter_dim, hidden, key=keys[1], norm=norm)
+            self.grid_from_stoch = Linear(hidden, grid, key=keys[2])
+        else:
+            self.grid_dense = Linear(din, grid, key=keys[0])
+        self.grid_norm = Normalize(widths[0], norm)
+        self.convs = tuple(Conv(widths[i], widths[i + 1], kernel, key=keys[i + 3]) for i in range(stages - 1))
         self.norms = tuple(Normalize(widths[i + 1], norm) for i in range(stages - 1))
         self.out = Conv(widths[-1], channels, kernel, key=keys[-1])
         self.min_resolution = min_resolution
         self.channels = channels
+        self.deter_dim = deter_dim if blocks else 0
+
+    def _grid(self, feat: Float[Array, "n d"]) -> Float[Array, "n r r c"]:
+        r = self.min_resolution
+        if self.grid_dense is not None:
+            return self.grid_dense(feat).reshape(feat.shape[0], r, r, -1)
+        blocks = self.grid_from_deter.blocks
+        from_deter = self.grid_from_deter(feat[:, :self.deter_dim]).reshape(feat.shape[0], blocks, r, r, -1)
+        from_deter = jnp.moveaxis(from_deter, 1, 3).reshape(feat.shape[0], r, r, -1)  # channels (block, c)
+        from_stoch = self.grid_from_stoch(self.stoch_hidden(feat[:, self.deter_dim:]))
+        return from_deter + from_stoch.reshape(feat.shape[0], r, r, -1)
 
     def __call__(self, feat: Float[Array, "... d"]) -> Float[Array, "... h w c"]:
         batch = feat.shape[:-1]
-        r = self.min_resolution
-        x = self.linear(feat.reshape(-1, feat.shape[-1])).reshape(-1, r, r, self.linear.bias.shape[0] // (r * r))
-        x = jax.nn.silu(self.linear_norm(x))
+        x = jax.nn.silu(self.grid_norm(self._grid(feat.reshape(-1, feat.shape[-1]))))
         for conv, norm in zip(self.convs, self.norms):
             x = _upsample(x)
             x = jax.nn.silu(norm(conv(x)))

@@ -61,6 +61,12 @@ class SequenceModel(eqx.Module):
     def feature_dim(self) -> int:
         """Size of `features(state)`'s last axis."""
 
+    @property
+    def deter_dim(self) -> int:
+        """How many leading entries of `features(state)` are the deterministic state (the image
+        decoder reads them through block-diagonal weights); 0: not split (the decoder must then be dense)."""
+        return 0
+
     def policy_features(self, state: State) -> Float[Array, "... f"]:
         """What the actor and critic read (models may expose more of their state than the heads)."""
         return self.features(state)

@@ -182,6 +182,10 @@ class RSSM(SequenceModel):
     def feature_dim(self) -> int:
         return self.config.deter + self.config.stoch * self.config.classes
 
+    @property
+    def deter_dim(self) -> int:
+        return self.config.deter
+
     def kl_loss(self, post: RSSMState, prior: RSSMState, free: float) -> tuple[Array, Array]:
         return categorical_kl_loss(post.logits, prior.logits, free)
 

@@ -179,6 +179,10 @@ class S3M(SequenceModel):
     def feature_dim(self) -> int:
         return self.config.deter + self.config.stoch * self.config.classes
 
+    @property
+    def deter_dim(self) -> int:
+        return self.config.deter
+
     def policy_features(self, state: S3MState) -> Float[Array, "... f"]:
         mode = self.config.policy_input
         z = state.stoch.reshape(*state.stoch.shape[:-2], -1)
