@@ -114,7 +114,7 @@ def test_block_decoder_grid_follows_the_reference_layout():
     from_stoch = h @ np.asarray(dec.grid_from_stoch.weight, np.float64) + np.asarray(dec.grid_from_stoch.bias)
     expected = from_deter + from_stoch.reshape(3, 4, 4, 4)
     np.testing.assert_allclose(dec._grid(jnp.asarray(feat)), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="decoder_blocks"):
+    with pytest.raises(ValueError, match=r"use 2 blocks.*decoder-blocks 2\)"):
         ConvDecoder(12, 8, 3, 2, key=jax.random.PRNGKey(0), blocks=3, deter_dim=8, hidden=5)
 
 

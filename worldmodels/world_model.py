@@ -119,7 +119,8 @@ class Decoder(eqx.Module):
             channels = sum(spec[k][0][2] for k in self.image_keys)
             if config.decoder_blocks and not deter_dim:
                 raise ValueError("the block image decoder needs the sequence model's deter_dim (the leading "
-                                 "features that are its deterministic state); set world_model.decoder_blocks=0")
+                                 "features that are its deterministic state); without it set "
+                                 "WorldModelConfig.decoder_blocks=0 (--agent.world-model.decoder-blocks 0)")
             self.cnn = ConvDecoder(feat_dim, h, channels, config.cnn_depth, key=k1, norm=config.norm,
                                    blocks=config.decoder_blocks, deter_dim=deter_dim, hidden=2 * config.units)
         if self.vector_keys:

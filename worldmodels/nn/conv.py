@@ -110,11 +110,16 @@ class ConvDecoder(eqx.Module):
         grid = min_resolution * min_resolution * widths[0]
         self.grid_dense = self.grid_from_deter = self.stoch_hidden = self.grid_from_stoch = None
         if blocks:
-            if not 0 < deter_dim < din or deter_dim % blocks or widths[0] % blocks or hidden < 1:
+            if not 0 < deter_dim < din or hidden < 1:
+                raise ValueError(f"block decoder input needs 0 < deter_dim < din and hidden >= 1, got deter_dim "
+                                 f"{deter_dim}, din {din}, hidden {hidden}")
+            if deter_dim % blocks or widths[0] % blocks:
+                fits = max(b for b in range(1, blocks + 1) if deter_dim % b == 0 and widths[0] % b == 0)
                 raise ValueError(
-                    f"block decoder input: needs 0 < deter_dim < din (got {deter_dim}, {din}), deter_dim and the "
-                    f"grid's {widths[0]} channels divisible by blocks={blocks}, and hidden >= 1 (got {hidden}); "
-                    "choose another world_model.decoder_blocks, or 0 for one dense Linear")
+                    f"the image decoder's {blocks} blocks must divide the deterministic state ({deter_dim}) and "
+                    f"the {widths[0]} channels of its first grid ({resolution}x{resolution} images, depth {depth}); "
+                    f"use {fits} blocks, or 0 for one dense Linear (WorldModelConfig.decoder_blocks, on the "
+                    f"command line --agent.world-model.decoder-blocks {fits})")
             self.grid_from_deter = BlockLinear(deter_dim, grid, blocks, key=keys[0])
             self.stoch_hidden = DenseBlock(din - deter_dim, hidden, key=keys[1], norm=norm)
             self.grid_from_stoch = Linear(hidden, grid, key=keys[2])
