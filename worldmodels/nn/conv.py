@@ -96,7 +96,6 @@ class ConvDecoder(eqx.Module):
     out: Conv
     min_resolution: int = eqx.field(static=True)
     channels: int = eqx.field(static=True)
-    deter_dim: int = eqx.field(static=True)
 
     def __init__(self, din: int, resolution: int, channels: int, depth: int, *, key: PRNGKeyArray,
                  mults: tuple[int, ...] = (2, 3, 4, 4), kernel: int = 5, min_resolution: int = 4,
@@ -131,16 +130,15 @@ class ConvDecoder(eqx.Module):
         self.out = Conv(widths[-1], channels, kernel, key=keys[-1])
         self.min_resolution = min_resolution
         self.channels = channels
-        self.deter_dim = deter_dim if blocks else 0
 
     def _grid(self, feat: Float[Array, "n d"]) -> Float[Array, "n r r c"]:
         r = self.min_resolution
         if self.grid_dense is not None:
             return self.grid_dense(feat).reshape(feat.shape[0], r, r, -1)
-        blocks = self.grid_from_deter.blocks
-        from_deter = self.grid_from_deter(feat[:, :self.deter_dim]).reshape(feat.shape[0], blocks, r, r, -1)
+        blocks, deter_dim = self.grid_from_deter.blocks, self.grid_from_deter.din
+        from_deter = self.grid_from_deter(feat[:, :deter_dim]).reshape(feat.shape[0], blocks, r, r, -1)
         from_deter = jnp.moveaxis(from_deter, 1, 3).reshape(feat.shape[0], r, r, -1)  # channels (block, c)
-        from_stoch = self.grid_from_stoch(self.stoch_hidden(feat[:, self.deter_dim:]))
+        from_stoch = self.grid_from_stoch(self.stoch_hidden(feat[:, deter_dim:]))
         return from_deter + from_stoch.reshape(feat.shape[0], r, r, -1)
 
     def __call__(self, feat: Float[Array, "... d"]) -> Float[Array, "... h w c"]:

@@ -131,6 +131,10 @@ class BlockLinear(eqx.Module):
                                         din // blocks if per_block_fan_in else din)
         self.bias = jnp.zeros((dout,))
 
+    @property
+    def din(self) -> int:
+        return self.blocks * self.weight.shape[1]
+
     def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
         batch = x.shape[:-1]
         return self.grouped(x.reshape(*batch, self.blocks, -1)).reshape(*batch, -1) + self.bias
