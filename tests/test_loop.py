@@ -1,6 +1,7 @@
 """The host loop end to end: a short run, checkpoint/resume equality, config and CLI errors."""
 
 import json
+import threading
 
 import gymnasium as gym
 import jax
@@ -67,6 +68,20 @@ def test_run_writes_logs_and_checkpoints(tmp_path):
     assert modes == {"train", "eval"}
     assert json.loads((tmp_path / "config.json").read_text())["run"]["num_envs"] == 2
     assert any((tmp_path / "checkpoints").iterdir())
+
+
+def test_train_step_compiles_once_in_the_background_during_train_start(tmp_path):
+    lowered_in = []  # the thread of every lowering of the train step to XLA (a retrace or recompile adds one)
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" and kwargs.get("fun_name") == "jit(_train)":
+            lowered_in.append(threading.current_thread().name)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:  # batch shapes no other test uses, so jit's in-memory cache cannot already hold the program
+        summary = loop.run(debug_config(tmp_path, 120, batch_size=3, seq_len=5, train_start=40), cartpole)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert summary["updates"] > 1
+    assert len(lowered_in) == 1 and lowered_in[0].startswith("compile-train"), lowered_in
 
 
 def test_resuming_with_another_agent_config_is_refused(tmp_path):

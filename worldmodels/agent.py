@@ -282,6 +282,19 @@ def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray) -> t
     return _train_program(jax.default_backend())(state, dict(batch), key)
 
 
+def compile_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStruct],
+                  key: PRNGKeyArray | jax.ShapeDtypeStruct) -> None:
+    """Compile the train step now, so that the first `train` call on arguments of these shapes and
+    dtypes only runs it (jit's cache then holds this program).
+
+    The arguments may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. the state from
+    `jax.eval_shape(functools.partial(init, config, obs_spec, action_spec), key)`), so the compile can
+    start before `init` has run, in another thread: the training loop overlaps it with `init` and the
+    first environment steps. Nothing is donated or run.
+    """
+    _train_program(jax.default_backend()).trace(state, dict(batch), key).lower().compile()
+
+
 def copy_state(state: AgentState) -> AgentState:
     """A copy with fresh buffers (the train step donates its input; keep this to compare against)."""
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, state)

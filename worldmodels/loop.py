@@ -21,6 +21,7 @@ import signal
 import time
 import warnings
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -150,9 +151,12 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     them in ``info["restarted"]``: their episode is dropped and the next step starts a new one),
     else in gymnasium's AsyncVectorEnv.
 
-    **Returns:** a summary: env steps, updates, the returns of the last episodes, wall time.
+    **Returns:** a summary: env steps, updates, the returns of the last episodes, wall time, and
+    `first_update_seconds`: seconds from the call to the end of the first update (set-up, init, compile).
     """
     rc = config.run
+    run_start = time.perf_counter()
+    first_update_seconds = None  # from here to the end of the first update: set-up, init, compile
     logdir = Path(rc.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     check_resumable(logdir, config)
@@ -167,6 +171,16 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     print(f"agent: {agent_lib.count_params(state.params):,} parameters; observations {obs_spec}; actions {act_spec}")
     replay = ReplayBuffer(spaces.step_spec(obs_space, act_spec), rc.replay_capacity, n)
     print(replay.describe())
+    # The train step compiles in a thread while the envs take their first steps (train_start): XLA's
+    # compile releases the GIL, so the envs and the policy mostly run on the other core meanwhile.
+    background = ThreadPoolExecutor(1, thread_name_prefix="compile-train")
+    batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, rc.seq_len, *shape), dtype)
+                    for k, (shape, dtype) in replay.spec.items()}
+    if rc.train_ratio > 0 and rc.steps > rc.train_start:
+        train_compiled = background.submit(agent_lib.compile_train, state, batch_shapes, jax.random.PRNGKey(0))
+    else:  # no updates to come
+        train_compiled = Future()
+        train_compiled.set_result(None)
 
     key = jax.random.PRNGKey(rc.seed + 1)
     rng = np.random.default_rng(rc.seed)
@@ -275,10 +289,15 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                 # 2. train: train_ratio replayed steps per env step
                 if counters["env_steps"] >= rc.train_start and replay.can_sample(rc.seq_len):
                     counters["train_credit"] += n * rc.train_ratio / replayed_per_update
+                    if counters["train_credit"] >= 1.0:
+                        train_compiled.result()  # re-raises what went wrong in the compile, if anything
                     while counters["train_credit"] >= 1.0:
                         batch = replay.sample(rc.batch_size, rc.seq_len, rng)
                         key, k_train = jax.random.split(key)
                         state, metrics = agent_lib.train(state, batch, k_train)
+                        if first_update_seconds is None:
+                            jax.block_until_ready(metrics)
+                            first_update_seconds = time.perf_counter() - run_start
                         pending_metrics.append(metrics)
                         counters["updates"] += 1
                         counters["train_credit"] -= 1.0
@@ -325,9 +344,13 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         envs.close()
         if eval_env is not None:
             eval_env.close()
+        # A thread cannot be stopped inside XLA, and exiting under it aborts the process: let it finish.
+        if not train_compiled.done():
+            print("waiting for the train step to finish compiling before exiting")
+        background.shutdown(wait=True)
 
     elapsed = time.time() - start_time
     return {"env_steps": counters["env_steps"], "updates": counters["updates"], "episodes": counters["episodes"],
             "recent_return": float(np.mean(recent)) if recent else None, "seconds": elapsed,
-            "state": state}
+            "first_update_seconds": first_update_seconds, "state": state}
 from worldmodels.device_loop import run_on_device  # noqa: E402,F401  (the device loop for JAX envs)
