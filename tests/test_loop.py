@@ -72,6 +72,7 @@ def test_run_writes_logs_and_checkpoints(tmp_path):
 
 def test_train_step_compiles_once_in_the_background_during_train_start(tmp_path):
     lowered_in = []  # the thread of every lowering of the train step to XLA (a retrace or recompile adds one)
+
     def listener(event, duration, **kwargs):
         if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" and kwargs.get("fun_name") == "jit(_train)":
             lowered_in.append(threading.current_thread().name)

@@ -288,9 +288,9 @@ def compile_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeS
     dtypes only runs it (jit's cache then holds this program).
 
     The arguments may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. the state from
-    `jax.eval_shape(functools.partial(init, config, obs_spec, action_spec), key)`), so the compile can
-    start before `init` has run, in another thread: the training loop overlaps it with `init` and the
-    first environment steps. Nothing is donated or run.
+    `jax.eval_shape(functools.partial(init, config, obs_spec, action_spec), key)`). It may run in
+    another thread: the training loop overlaps it with the first environment steps. Nothing is donated
+    or run.
     """
     _train_program(jax.default_backend()).trace(state, dict(batch), key).lower().compile()
 
