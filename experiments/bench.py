@@ -70,13 +70,13 @@ def bench_train(preset: str, spec, b: int, t: int, repeats: int) -> dict:
     init_s = time.perf_counter() - start
     batches = [random_batch(spec, 6, b, t, seed=i) for i in range(2)]
     start = time.perf_counter()
-    state, metrics = agent_lib.train(state, batches[0], jax.random.PRNGKey(0))
+    state, metrics, _ = agent_lib.train(state, batches[0], jax.random.PRNGKey(0))
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     times = []
     for i in range(repeats):
         start = time.perf_counter()
-        state, metrics = agent_lib.train(state, batches[i % 2], jax.random.PRNGKey(i + 1))
+        state, metrics, _ = agent_lib.train(state, batches[i % 2], jax.random.PRNGKey(i + 1))
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return {"params": agent_lib.count_params(state.params), "init_s": init_s, "compile_s": compile_s,
@@ -144,13 +144,13 @@ def sweep(lengths: list[int], total: int, repeats: int) -> None:
             batch = random_batch(VECTOR, 6, total // t, t)
             wm_compile, wm_ms = bench_world_model(state, batch, repeats)
             start = time.perf_counter()
-            state, metrics = agent_lib.train(state, batch, jax.random.PRNGKey(0))
+            state, metrics, _ = agent_lib.train(state, batch, jax.random.PRNGKey(0))
             jax.block_until_ready(metrics)
             compile_s = time.perf_counter() - start
             times = []
             for i in range(repeats):
                 start = time.perf_counter()
-                state, metrics = agent_lib.train(state, batch, jax.random.PRNGKey(i + 1))
+                state, metrics, _ = agent_lib.train(state, batch, jax.random.PRNGKey(i + 1))
                 jax.block_until_ready(metrics)
                 times.append(time.perf_counter() - start)
             print(f"{name:<6}{t:>6}{total // t:>5}{agent_lib.count_params(state.params):>11,}{compile_s:>11.2f}"

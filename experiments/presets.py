@@ -33,10 +33,11 @@ def register() -> None:
 
 
 # R2I's code builds on DreamerV3 (2023): the continue head learns 1 - terminal and gamma is applied in
-# imagination, and the image decoder reads the features through one dense Linear. It has no replay
-# value loss; these presets keep it, without gradient into the world model, as they were measured.
+# imagination, and the image decoder reads the features through one dense Linear, and every replayed
+# sequence starts from the initial state (no replay context). It has no replay value loss; these
+# presets keep it, without gradient into the world model, as they were measured.
 R2I_CHOICES = {"agent.actor_critic.contdisc": False, "agent.actor_critic.repval_grad": False,
-               "agent.world_model.decoder_blocks": 0}
+               "agent.world_model.decoder_blocks": 0, "run.replay_context": False}
 
 
 def _s3m(deter: int, width: int, state: int, layers: int, policy_input: str, **extra) -> dict:

@@ -22,7 +22,7 @@ def test_train_keeps_losses_finite_and_lowers_world_model_loss():
     batch = sine_batch()
     losses = []
     for i in range(60):
-        state, metrics = agent_lib.train(state, batch, jax.random.PRNGKey(i))
+        state, metrics, _ = agent_lib.train(state, batch, jax.random.PRNGKey(i))
         metrics = jax.device_get(metrics)
         assert all(np.isfinite(v) for v in metrics.values()), metrics
         losses.append(float(metrics["loss/world_model"]))
@@ -35,7 +35,7 @@ def test_train_and_policy_compile_once():
     batch = sine_batch()
     before = dict(agent_lib.TRACE_COUNTS)
     for i in range(4):
-        state, _ = agent_lib.train(state, sine_batch(seed=i), jax.random.PRNGKey(i))
+        state, _, _ = agent_lib.train(state, sine_batch(seed=i), jax.random.PRNGKey(i))
     assert agent_lib.TRACE_COUNTS["train"] - before.get("train", 0) <= 1
     carry = agent_lib.initial_carry(state, 3)
     before = dict(agent_lib.TRACE_COUNTS)
@@ -65,8 +65,8 @@ def test_compiler_options_change_the_update_and_the_init_only_by_rounding():
     default = jax.jit(agent_lib._train)
     for i in range(3):
         batch, step_key = sine_batch(seed=i), jax.random.PRNGKey(i)
-        _, metrics_b = tuned(state, batch, step_key)
-        state, metrics_a = default(state, batch, step_key)
+        _, metrics_b, _ = tuned(state, batch, step_key)
+        state, metrics_a, _ = default(state, batch, step_key)
         assert metrics_a.keys() == metrics_b.keys()
         for name in metrics_a:
             np.testing.assert_allclose(float(metrics_b[name]), float(metrics_a[name]), rtol=2e-2, atol=2e-3,
@@ -83,10 +83,10 @@ def test_compiler_options_unknown_to_this_xla_are_dropped():
 def test_train_does_not_retrace_after_first_call_from_fresh_function():
     # A new agent with the same config and shapes reuses the compiled train step.
     state = tiny_agent(seed=2)
-    state, _ = agent_lib.train(state, sine_batch(), jax.random.PRNGKey(0))
+    state, _, _ = agent_lib.train(state, sine_batch(), jax.random.PRNGKey(0))
     before = agent_lib.TRACE_COUNTS["train"]
     other = tiny_agent(seed=3)
-    other, _ = agent_lib.train(other, sine_batch(seed=5), jax.random.PRNGKey(1))
+    other, _, _ = agent_lib.train(other, sine_batch(seed=5), jax.random.PRNGKey(1))
     assert agent_lib.TRACE_COUNTS["train"] == before
 
 
@@ -122,7 +122,7 @@ def test_image_observations_train():
     state = tiny_agent(obs_spec=spec, seed=6)
     batch = sine_batch()
     batch["image"] = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 16, 3), dtype=np.uint8)
-    state, metrics = agent_lib.train(state, batch, jax.random.PRNGKey(0))
+    state, metrics, _ = agent_lib.train(state, batch, jax.random.PRNGKey(0))
     assert np.isfinite(float(metrics["loss/rec_image"]))
 
 
@@ -147,7 +147,7 @@ def test_actor_and_critic_learning_rates_scale_their_updates_only():
         config = make_config(["debug"], options)
         state = agent_lib.init(config.agent, OBS_SPEC, agent_lib.ActionSpec(2, True), jax.random.PRNGKey(0))
         before = agent_lib.copy_state(state)
-        after, _ = agent_lib.train(state, sine_batch(), jax.random.PRNGKey(1))
+        after, _, _ = agent_lib.train(state, sine_batch(), jax.random.PRNGKey(1))
         diff = lambda a, b: [np.asarray(x) - np.asarray(y) for x, y in
                              zip(jax.tree.leaves(eqx.filter(a, eqx.is_array)), jax.tree.leaves(eqx.filter(b, eqx.is_array)))]
         return (diff(after.world_model, before.world_model), diff(after.actor, before.actor),
@@ -218,3 +218,39 @@ def test_continue_target_is_discounted_with_contdisc():
         log_sig = lambda x: -np.logaddexp(0.0, -x)
         expected = -(target * log_sig(logit) + (1 - target) * log_sig(-logit)).mean()
         np.testing.assert_allclose(float(metrics["loss/cont"]), expected, rtol=1e-5)
+
+
+def test_train_continues_from_the_context_step_latent():
+    """With replay-context keys the first step is context: the first trained step's deter is the GRU
+    of the stored latent and that step's action (or of the initial state where it starts an
+    episode), and the returned latents cover the T trained steps. Without them, all T + 1 steps are
+    trained from the initial state."""
+    state = tiny_agent(seed=2)
+    dyn = state.world_model.dynamics
+    b, t = 4, 9
+    batch = sine_batch(b, t)  # every row starts an episode at step 0 (the context step)
+    batch["is_first"][2, 1] = True  # row 2's first trained step starts another
+    rng = np.random.default_rng(0)
+    deter, stoch, classes = dyn.config.deter, dyn.config.stoch, dyn.config.classes
+    context = {"deter": rng.uniform(-0.9, 0.9, (b, deter)).astype(np.float16),
+               "stoch": rng.integers(0, classes, (b, stoch)).astype(np.uint8)}
+    assert set(agent_lib.latent_spec(state)) == {agent_lib.LATENT + k for k in context}
+    with_context = {**batch, **{agent_lib.LATENT + k: np.repeat(v[:, None], t, 1) for k, v in context.items()}}
+
+    start = dyn.from_entry(context)
+    from_context = dyn._gru(start.deter, start.stoch, dyn._action_input(jnp.asarray(batch["action"][:, 1])))
+    initial = dyn.initial(b)
+    from_initial = dyn._gru(initial.deter, initial.stoch, dyn._action_input(jnp.zeros((b, 2))))
+    expected = np.where(np.arange(b)[:, None] == 2, from_initial, from_context).astype(np.float16)
+    assert np.abs(np.asarray(from_context) - np.asarray(from_initial)).max() > 0.05  # the context matters
+
+    _, _, latents = agent_lib.train(agent_lib.copy_state(state), with_context, jax.random.PRNGKey(0))
+    assert latents[agent_lib.LATENT + "deter"].shape == (b, t - 1, deter)
+    assert latents[agent_lib.LATENT + "stoch"].shape == (b, t - 1, stoch)
+    got = np.asarray(latents[agent_lib.LATENT + "deter"][:, 0], np.float32)
+    np.testing.assert_allclose(got, expected.astype(np.float32), atol=2.0 ** -10)
+
+    _, _, latents = agent_lib.train(state, batch, jax.random.PRNGKey(0))
+    assert latents[agent_lib.LATENT + "deter"].shape == (b, t, deter)
+    np.testing.assert_allclose(np.asarray(latents[agent_lib.LATENT + "deter"][:, 0], np.float32),
+                               np.asarray(from_initial, np.float16).astype(np.float32), atol=2.0 ** -10)

@@ -86,6 +86,21 @@ def test_sampled_windows_read_only_written_steps_in_order():
         assert len(set(zip(env[:, 0], step[:, 0]))) == valid
 
 
+def test_replay_update_writes_into_the_sampled_windows_only():
+    replay = replay_lib.replay_init({"x": ((), "int32"), "y": ((), "int32")}, 2, 8)
+    for w in range(1, 12):  # wraps: slots hold steps 4..11
+        replay = replay_lib.replay_add(replay, {"x": jnp.array([w, 1000 + w]), "y": jnp.array([w, w])})
+    batch, (env, slots) = replay_lib.replay_sample_windows(replay, 6, 4, jax.random.PRNGKey(0))
+    updated = replay_lib.replay_update(replay, env, slots, {"x": -batch["x"][:, 1:]}, offset=1)
+    marked = {(int(e), int(s)) for e, row in zip(env, slots) for s in row[1:]}
+    old, new = np.asarray(replay.data["x"]), np.asarray(updated.data["x"])
+    for e in range(2):
+        for s in range(8):
+            assert new[e, s] == (-old[e, s] if (e, s) in marked else old[e, s])
+    np.testing.assert_array_equal(updated.data["y"], replay.data["y"])
+    assert int(updated.written) == int(replay.written) and 0 < len(marked) < 16
+
+
 def test_schedule_follows_train_ratio():
     # 4 x 16 = 64 replayed steps per update
     assert dl.make_schedule(16.0, 4, 16, 1, 128) == dl.Schedule(blocks=32, steps_per_block=4, updates_per_block=1,

@@ -203,3 +203,30 @@ def test_load_state_dict_rejects_other_spec_or_capacity():
         ReplayBuffer({**SPEC, "image": (IMAGE, np.float32)}, 20, 2).load_state_dict(state)
     with pytest.raises(ValueError, match="another spec"):
         ReplayBuffer({k: v for k, v in SPEC.items() if k != "t"}, 20, 2).load_state_dict(state)
+
+
+def test_update_writes_into_the_sampled_windows_only():
+    buf = filled(capacity=40, num_envs=2, steps=13)
+    batch, windows = buf.sample_windows(5, 4, np.random.default_rng(3))
+    # Mark steps 1..3 of each window with -(its t); offset 1 leaves the first step alone.
+    written = buf.update(windows, {"t": -batch["t"][:, 1:]}, offset=1)
+    assert written == 5 * 3
+    stored = buf.state_dict()["data/t"]
+    marked = {(e, t) for e, ts in zip(batch["env"][:, 0], batch["t"][:, 1:]) for t in ts}
+    for e in range(2):
+        for t in range(13):
+            assert stored[e, t] == (-t if (e, t) in marked else t)
+
+
+def test_update_skips_steps_overwritten_since_the_sample():
+    buf = filled(capacity=20, num_envs=2, steps=10)  # 10 slots per env, all written: t 0..9
+    batch, windows = buf.sample_windows(8, 10, np.random.default_rng(0))  # every window covers t 0..9
+    for t in range(10, 14):  # overwrite t 0..3
+        buf.add(make_step(2, t))
+    assert buf.update(windows, {"t": np.full((8, 10), SENTINEL_T)}) == 8 * 6
+    stored = buf.state_dict()["data/t"]
+    # t 10..13 took t 0..3's slots and must survive; t 4..9 were overwritten with the sentinel.
+    np.testing.assert_array_equal(stored[:, :4], [[10, 11, 12, 13]] * 2)
+    np.testing.assert_array_equal(stored[:, 4:], SENTINEL_T)
+    with pytest.raises(ValueError, match="'vector'"):
+        buf.update(windows, {"vector": np.zeros((8, 10, 3), np.float32)})

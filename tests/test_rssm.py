@@ -381,3 +381,19 @@ def test_kl_loss_below_free_bits_has_no_gradient(model):
     g = jax.grad(lambda pr: jnp.sum(model.kl_loss(make_state(NEAR), make_state(pr), 1.0)[0]))(
         jnp.asarray(PRIOR_LOGITS))
     assert np.all(np.asarray(g) == 0.0)
+
+
+def test_entry_round_trip(model, inputs):
+    """Replay keeps a posterior as float16 deter + class indices; restoring gives the same one-hot
+    sample (the straight-through sum is one-hot up to 1-ulp rounding) and the deter within float16
+    rounding (|h| < 1: at most 2^-12)."""
+    embed, action, is_first = inputs
+    post, _ = OBSERVE(model, model.initial(B), embed, action, is_first, jax.random.PRNGKey(15))
+    entry = model.entry(post)
+    assert {k: (v.shape, v.dtype) for k, v in entry.items()} == {
+        "deter": ((B, T, CFG.deter), jnp.float16), "stoch": ((B, T, CFG.stoch), jnp.uint8)}
+    assert model.entry_spec() == {"deter": ((CFG.deter,), "float16"), "stoch": ((CFG.stoch,), "uint8")}
+    back = model.from_entry(entry)
+    np.testing.assert_allclose(np.asarray(back.stoch), np.asarray(post.stoch), atol=1e-6)
+    err = np.abs(np.asarray(back.deter) - np.asarray(post.deter))
+    assert err.max() <= 2.0 ** -12 and np.abs(np.asarray(post.deter)).max() < 1.0

@@ -243,7 +243,7 @@ def test_agent_with_s3m_trains_and_acts():
     assert isinstance(dynamics, S3M) and dynamics.config.state_size == 6
     before = agent_lib.TRACE_COUNTS["train"]
     for i in range(3):
-        state, metrics = agent_lib.train(state, sine_batch(seed=i), jax.random.PRNGKey(i))
+        state, metrics, _ = agent_lib.train(state, sine_batch(seed=i), jax.random.PRNGKey(i))
         metrics = jax.device_get(metrics)
         assert all(np.isfinite(v) for v in metrics.values()), metrics
     assert int(state.step) == 3
@@ -255,3 +255,32 @@ def test_agent_with_s3m_trains_and_acts():
         action, carry = agent_lib.policy(state, carry, obs, jax.random.PRNGKey(i))
         np.testing.assert_array_equal(np.asarray(action).sum(-1), 1.0)
     assert carry.latent.hidden.shape == (2, 2, 6, 2)
+
+
+def test_s3m_replay_context_keeps_the_whole_state_and_continues_from_it():
+    """S3M uses the interface's default entry (every state field, as is): the round trip is exact,
+    and a context batch's first trained step continues from the stored state."""
+    config = make_config(["debug"], S3M_OVERRIDES).agent
+    state = agent_lib.init(config, {"vector": ((3,), "float32")}, agent_lib.ActionSpec(2, True), jax.random.PRNGKey(1))
+    wm, b, t = state.world_model, 4, 9
+    batch = sine_batch(b, t)
+    carry = agent_lib.initial_carry(state, b)
+    for i in range(3):  # a latent from acting, as the loop stores it
+        obs = {"vector": batch["vector"][:, i], "is_first": batch["is_first"][:, i]}
+        _, carry = agent_lib.policy(state, carry, obs, jax.random.PRNGKey(i))
+    entry = jax.device_get(agent_lib.replay_latent(state, carry))
+    assert set(entry) == {agent_lib.LATENT + f for f in S3MState._fields}
+    context = {k[len(agent_lib.LATENT):]: v for k, v in entry.items()}
+    start = wm.dynamics.from_entry(context)
+    for a, f in zip(start, S3MState._fields):
+        np.testing.assert_array_equal(np.asarray(a), context[f])
+
+    rest = {k: v[:, 1:2] for k, v in batch.items()}
+    observe = lambda s: wm.dynamics.observe(s, wm.encoder(rest), rest["action"], rest["is_first"],
+                                            jax.random.PRNGKey(0))[0].deter[:, 0]
+    expected, fresh = observe(start), observe(wm.dynamics.initial(b))
+    assert np.abs(np.asarray(expected) - np.asarray(fresh)).max() > 1e-3  # the context matters
+    with_context = {**batch, **{k: np.repeat(v[:, None], t, 1) for k, v in entry.items()}}
+    _, _, latents = agent_lib.train(state, with_context, jax.random.PRNGKey(5))
+    np.testing.assert_allclose(np.asarray(latents[agent_lib.LATENT + "deter"][:, 0]), np.asarray(expected),
+                               atol=1e-5)

@@ -3,6 +3,12 @@
 `train` is ONE compiled program: world-model loss, imagination from every posterior state,
 actor and critic losses, one optimiser step and the slow-critic update. Its input state's buffers
 are donated, so the caller must use the returned state and drop the old one.
+
+Replay context (DreamerV3 2024): replay stores each step's posterior latent (`replay_latent` when
+acting, the train step's posteriors afterwards) under `LATENT` keys. A batch that carries them is a
+window of T + 1 steps whose first step is context only: training continues from its stored latent
+instead of the initial state, and `train` returns the new latents of the T trained steps to write
+back. A batch without them trains on all its steps from the initial state.
 """
 
 from __future__ import annotations
@@ -168,14 +174,42 @@ def policy(state: AgentState, carry: PolicyCarry, obs: Mapping[str, Array], key:
     return action, PolicyCarry(post, action)
 
 
+LATENT = "latent/"  # prefix of the replay-context keys in replay steps and batches
+
+
+def latent_spec(state: AgentState) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Per step, key -> (shape, dtype) of the posterior latent that replay keeps for replay context."""
+    return {LATENT + k: v for k, v in state.world_model.dynamics.entry_spec().items()}
+
+
+@jax.jit
+def replay_latent(state: AgentState, carry: PolicyCarry) -> dict[str, Array]:
+    """The latent to store with the step `policy` just observed (its posterior in `carry`): `LATENT`
+    keys, `[n, ...]`."""
+    return {LATENT + k: v for k, v in state.world_model.dynamics.entry(carry.latent).items()}
+
+
+def split_context(dynamics, batch: Mapping[str, Array]) -> tuple[State | None, dict[str, Array]]:
+    """(the state to start from, the steps to train on): with `LATENT` keys, the first step's stored
+    latent and the remaining T steps; without, (None, the whole batch)."""
+    latent = {k[len(LATENT):]: v for k, v in batch.items() if k.startswith(LATENT)}
+    if not latent:
+        return None, dict(batch)
+    start = dynamics.from_entry({k: v[:, 0] for k, v in latent.items()})
+    return sg(start), {k: v[:, 1:] for k, v in batch.items() if not k.startswith(LATENT)}
+
+
 def _losses(params: tuple[WorldModel, Actor, Critic], state: AgentState, batch: Mapping[str, Array],
-            key: PRNGKeyArray) -> tuple[Float[Array, ""], tuple[ReturnNormState, dict]]:
+            key: PRNGKeyArray) -> tuple[Float[Array, ""], tuple[ReturnNormState, State, dict]]:
     wm, actor, critic = params
     ac = state.config.actor_critic
     k1, k2 = jax.random.split(key)
+    start, batch = split_context(wm.dynamics, batch)
     b, t = batch["is_first"].shape
+    if start is None:
+        start = wm.dynamics.initial(b)
     gamma = 1.0 - 1.0 / ac.discount_horizon
-    wm_loss, (post, metrics) = wm.loss(batch, wm.dynamics.initial(b), k1, gamma if ac.contdisc else 1.0)
+    wm_loss, (post, metrics) = wm.loss(batch, start, k1, gamma if ac.contdisc else 1.0)
 
     # Imagination starts from every posterior state; only the actor's log-probs and the critic's
     # outputs carry gradients (REINFORCE; no gradient flows back through imagination).
@@ -217,7 +251,7 @@ def _losses(params: tuple[WorldModel, Actor, Critic], state: AgentState, batch: 
     metrics.update({"loss/world_model": wm_loss, "loss/actor": actor_loss, "loss/critic": critic_loss,
                     "actor/entropy": entropy.mean(), "imag/return": ret.mean(), "imag/reward": reward.mean(),
                     "imag/value": value.mean(), "imag/return_scale": scale, "imag/adv_std": jnp.std(adv)})
-    return total, (retnorm, metrics)
+    return total, (retnorm, sg(post), metrics)
 
 
 def _replay_value_loss(wm: WorldModel, critic: Critic, state: AgentState, batch: Mapping[str, Array],
@@ -242,11 +276,12 @@ def _replay_value_loss(wm: WorldModel, critic: Critic, state: AgentState, batch:
     return jnp.mean((1.0 - last[:, :-1]) * loss)
 
 
-def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray) -> tuple[AgentState, dict[str, Array]]:
+def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
+           ) -> tuple[AgentState, dict[str, Array], dict[str, Array]]:
     TRACE_COUNTS["train"] += 1
     optimizer = make_optimizer(state.config.optim)
     grad_fn = eqx.filter_value_and_grad(_losses, has_aux=True)
-    (loss, (retnorm, metrics)), grads = grad_fn(state.params, state, batch, key)
+    (loss, (retnorm, post, metrics)), grads = grad_fn(state.params, state, batch, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = _scale_group_updates(updates, state.config.optim)
     wm, actor, critic = eqx.apply_updates(state.params, updates)
@@ -256,7 +291,8 @@ def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray) -> 
                     "update_norm": optax.global_norm(updates)})
     new = eqx.tree_at(lambda s: (s.world_model, s.actor, s.critic, s.slow_critic, s.opt_state, s.retnorm, s.step),
                       state, (wm, actor, critic, slow, opt_state, retnorm, state.step + 1))
-    return new, metrics
+    latents = {LATENT + k: v for k, v in state.world_model.dynamics.entry(post).items()}
+    return new, metrics, latents
 
 
 def _scale_group_updates(updates: tuple, config: OptimConfig) -> tuple:
@@ -273,11 +309,14 @@ def _train_program(backend: str):
     return jax.jit(_train, donate_argnums=0, compiler_options=compiler_options(backend))
 
 
-def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray) -> tuple[AgentState, dict[str, Array]]:
-    """One update on a replayed batch (`[B, T, ...]` per key; see `WorldModel.loss`).
+def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
+          ) -> tuple[AgentState, dict[str, Array], dict[str, Array]]:
+    """One update on a replayed batch (`[B, T, ...]` per key; see `WorldModel.loss`). With `LATENT`
+    keys the batch has T + 1 steps and the first is context (see the module docstring).
 
-    **Returns:** (the new state, scalar metrics). The old `state`'s buffers are donated: use only
-    the returned state afterwards (`copy_state` first to keep one).
+    **Returns:** (the new state, scalar metrics, the posterior latents of the T trained steps:
+    `LATENT` keys `[B, T, ...]`, to write back to replay). The old `state`'s buffers are donated:
+    use only the returned state afterwards (`copy_state` first to keep one).
     """
     return _train_program(jax.default_backend())(state, dict(batch), key)
 

@@ -25,6 +25,9 @@ class RunConfig:
     train_ratio: float = 64.0  # replayed steps per environment step (see loop.py)
     batch_size: int = 16
     seq_len: int = 64
+    # DreamerV3 2024's replay context: replay keeps every step's posterior latent, and each sampled
+    # window gets one step more whose latent the training sequence starts from (see agent.py).
+    replay_context: bool = True
     replay_capacity: int = 1_000_000  # steps, over all envs; allocated up front
     train_start: int = 1024  # environment steps collected before the first update
     eval_every: int = 0  # environment steps between greedy evaluations (0: never)

@@ -43,7 +43,8 @@ from worldmodels.agent import ActionSpec, AgentState, PolicyCarry
 from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import Config, dumps, to_dict
 from worldmodels.logging import RunLogger
-from worldmodels.replay import DeviceReplay, replay_add, replay_init, replay_sample, replay_stored
+from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_sample_windows, replay_stored,
+                                replay_update)
 
 # How often the chunk has been traced (compiled); tests check it stays at one per DeviceLoop.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -51,6 +52,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 # The policy's un-jitted inner function: a jitted wrapper called inside a trace would only inline,
 # but going through equinox's filter_jit there costs tracing time for nothing.
 _policy = agent_lib.policy.__wrapped__
+_replay_latent = agent_lib.replay_latent.__wrapped__
 
 # --------------------------------------------------------------------------- the loop's carry
 
@@ -153,9 +155,11 @@ class DeviceLoop:
         self.config, self.env = config, env
         self.num_envs = n = rc.num_envs
         self.capacity_per_env = rc.replay_capacity // n
-        if self.capacity_per_env < rc.seq_len:
+        self.window = rc.seq_len + rc.replay_context  # a context step first (see agent.py)
+        if self.capacity_per_env < self.window:
             raise ValueError(f"replay_capacity {rc.replay_capacity} gives {self.capacity_per_env} steps per env, "
-                             f"fewer than seq_len {rc.seq_len}: nothing could ever be sampled")
+                             f"fewer than a window of {self.window} (seq_len {rc.seq_len}, replay_context "
+                             f"{rc.replay_context}): nothing could ever be sampled")
         self.obs_key, obs_shape, obs_dtype = _obs_layout(env, env_params)
         self.obs_spec = {self.obs_key: (obs_shape, obs_dtype)}
         self.action_spec = ActionSpec(int(env.num_actions), True)
@@ -204,7 +208,8 @@ class DeviceLoop:
         env_state, timestep = jax.jit(jax.vmap(self._env_reset, in_axes=(None, 0)))(
             env_params, jax.random.split(k_env, n))
         pending = self._to_step(timestep, jnp.zeros((n, self.action_spec.dim)))
-        replay = replay_init(self.step_spec, n, self.capacity_per_env)
+        latent_spec = agent_lib.latent_spec(agent) if self.config.run.replay_context else {}
+        replay = replay_init({**self.step_spec, **latent_spec}, n, self.capacity_per_env)
         carry = LoopCarry(agent, agent_lib.initial_carry(agent, n), env_state, jnp.zeros(n, bool), pending, replay,
                           jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32), jnp.zeros((), jnp.int32),
                           jnp.zeros((), jnp.int32), k_loop)
@@ -252,11 +257,12 @@ class DeviceLoop:
     # -- the chunk
 
     def _collect(self, env_params: Any, c: LoopCarry, _: Any) -> tuple[LoopCarry, tuple[Array, Array, Array]]:
-        """One vector step: store the pending step, act on it, step the envs (the host loop's step 1)."""
-        replay = replay_add(c.replay, c.pending)
+        """One vector step: act on the pending step, store it, step the envs (the host loop's step 1)."""
         key, k_act, k_env = jax.random.split(c.key, 3)
         obs = {self.obs_key: c.pending[self.obs_key], "is_first": c.pending["is_first"]}
         action, policy_carry = _policy(c.agent, c.policy_carry, obs, k_act)
+        latent = _replay_latent(c.agent, policy_carry) if self.config.run.replay_context else {}
+        replay = replay_add(c.replay, {**c.pending, **latent})
         env_state, done, timestep = jax.vmap(self._env_step, in_axes=(None, 0, 0, 0, 0))(
             env_params, c.env_state, c.done, jnp.argmax(action, -1), jax.random.split(k_env, self.num_envs))
         pending = self._to_step(timestep, action)
@@ -273,19 +279,24 @@ class DeviceLoop:
         window per env stream are stored."""
         rc, k = self.config.run, self.schedule.updates_per_block
 
-        def updates(agent: AgentState, key: PRNGKeyArray) -> tuple[AgentState, dict[str, Array]]:
-            def one(agent, key):
+        def updates(agent: AgentState, replay: DeviceReplay, key: PRNGKeyArray
+                    ) -> tuple[tuple[AgentState, DeviceReplay], dict[str, Array]]:
+            def one(carry, key):
+                agent, replay = carry
                 k_sample, k_train = jax.random.split(key)
-                batch = replay_sample(c.replay, rc.batch_size, rc.seq_len, k_sample)
-                return agent_lib._train(agent, batch, k_train)
-            return jax.lax.scan(one, agent, jax.random.split(key, k))
+                batch, (env, slots) = replay_sample_windows(replay, rc.batch_size, self.window, k_sample)
+                agent, metrics, latents = agent_lib._train(agent, batch, k_train)
+                if rc.replay_context:  # the trained steps' new posteriors replace the stored ones
+                    replay = replay_update(replay, env, slots, latents, offset=1)
+                return (agent, replay), metrics
+            return jax.lax.scan(one, (agent, replay), jax.random.split(key, k))
 
         key, k_train = jax.random.split(c.key)
-        shapes = jax.eval_shape(updates, c.agent, k_train)[1]
-        skip = lambda agent, key: (agent, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-        ready = (c.env_steps >= rc.train_start) & (replay_stored(c.replay) >= rc.seq_len)
-        agent, metrics = jax.lax.cond(ready, updates, skip, c.agent, k_train)
-        c = c._replace(agent=agent, key=key, updates=c.updates + jnp.where(ready, k, 0))
+        shapes = jax.eval_shape(updates, c.agent, c.replay, k_train)[1]
+        skip = lambda agent, replay, key: ((agent, replay), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+        ready = (c.env_steps >= rc.train_start) & (replay_stored(c.replay) >= self.window)
+        (agent, replay), metrics = jax.lax.cond(ready, updates, skip, c.agent, c.replay, k_train)
+        c = c._replace(agent=agent, replay=replay, key=key, updates=c.updates + jnp.where(ready, k, 0))
         return c, metrics, ready
 
     def _chunk(self, carry: LoopCarry, env_params: Any) -> tuple[LoopCarry, ChunkOutputs]:

@@ -4,10 +4,12 @@ train_ratio is the number of REPLAYED steps per ENVIRONMENT step. One update rep
 `batch_size * seq_len` steps, so the loop makes `train_ratio / (batch_size * seq_len)` updates per
 environment step. Example: batch 16 x 64 = 1024 replayed steps per update; with train_ratio 64 that
 is one update every 16 environment steps (counting every env of a vector env), and with 4 envs one
-update every 4 vector steps.
+update every 4 vector steps. With `replay_context` (DreamerV3 2024, the default) each window has one
+step more, whose stored latent the update starts from; that context step is not counted as replayed.
 
 The step convention (see `WorldModel.loss`): step t stores o_t, the action a_{t-1} that led to it
-(zero at is_first), r_t, is_first, is_last and is_terminal. The vector env runs in gymnasium's
+(zero at is_first), r_t, is_first, is_last and is_terminal (and, with replay context, the posterior
+latent inferred from o_t: the policy's, then each update's for the steps it trained on). The vector env runs in gymnasium's
 NEXT_STEP autoreset mode, so an episode's last observation is stored as its own step and the next
 vector step returns the reset observation.
 """
@@ -169,12 +171,14 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     n = rc.num_envs
     state = agent_lib.init(config.agent, obs_spec, act_spec, jax.random.PRNGKey(rc.seed))
     print(f"agent: {agent_lib.count_params(state.params):,} parameters; observations {obs_spec}; actions {act_spec}")
-    replay = ReplayBuffer(spaces.step_spec(obs_space, act_spec), rc.replay_capacity, n)
+    latent_spec = agent_lib.latent_spec(state) if rc.replay_context else {}
+    replay = ReplayBuffer({**spaces.step_spec(obs_space, act_spec), **latent_spec}, rc.replay_capacity, n)
     print(replay.describe())
+    window = rc.seq_len + rc.replay_context  # a context step first, whose latent the update starts from
     # The train step compiles in a thread while the envs take their first steps (train_start): XLA's
     # compile releases the GIL, so the envs and the policy mostly run on the other core meanwhile.
     background = ThreadPoolExecutor(1, thread_name_prefix="compile-train")
-    batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, rc.seq_len, *shape), dtype)
+    batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, window, *shape), dtype)
                     for k, (shape, dtype) in replay.spec.items()}
     if rc.train_ratio > 0 and rc.steps > rc.train_start:
         train_compiled = background.submit(agent_lib.compile_train, state, batch_shapes, jax.random.PRNGKey(0))
@@ -263,11 +267,12 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     try:
         with StopOnInterrupt() as flag:
             while counters["env_steps"] < rc.steps and not flag.stop:
-                # 1. store the pending step, act on it, step the envs
-                replay.add(pending)
+                # 1. act on the pending step, store it (with the latent the policy inferred), step the envs
                 key, k_act = jax.random.split(key)
                 obs_in = {k: v for k, v in pending.items() if k not in ("action", "reward", "is_last", "is_terminal")}
                 action, carry = agent_lib.policy(state, carry, obs_in, k_act)
+                latent = jax.device_get(agent_lib.replay_latent(state, carry)) if rc.replay_context else {}
+                replay.add({**pending, **latent})
                 action = np.asarray(action)
                 done = pending["is_last"]
                 obs, reward, terminated, truncated, info = envs.step(spaces.env_actions(act_space, action))
@@ -287,14 +292,16 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                     logger.score(counters["env_steps"], "train", episode_return[i], episode_length[i])
 
                 # 2. train: train_ratio replayed steps per env step
-                if counters["env_steps"] >= rc.train_start and replay.can_sample(rc.seq_len):
+                if counters["env_steps"] >= rc.train_start and replay.can_sample(window):
                     counters["train_credit"] += n * rc.train_ratio / replayed_per_update
                     if counters["train_credit"] >= 1.0:
                         train_compiled.result()  # re-raises what went wrong in the compile, if anything
                     while counters["train_credit"] >= 1.0:
-                        batch = replay.sample(rc.batch_size, rc.seq_len, rng)
+                        batch, windows = replay.sample_windows(rc.batch_size, window, rng)
                         key, k_train = jax.random.split(key)
-                        state, metrics = agent_lib.train(state, batch, k_train)
+                        state, metrics, latents = agent_lib.train(state, batch, k_train)
+                        if rc.replay_context:  # the trained steps' new posteriors replace the stored ones
+                            replay.update(windows, jax.device_get(latents), offset=1)
                         if first_update_seconds is None:
                             jax.block_until_ready(metrics)
                             first_update_seconds = time.perf_counter() - run_start

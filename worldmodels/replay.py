@@ -6,9 +6,12 @@ allocated once in ``__init__``, so the buffer can never grow past ``nbytes``
 (see ``describe()``, meant to be printed when training starts).
 
 ``DeviceReplay`` (the device loop's) is the same ring as a PyTree of JAX arrays
-with pure functions ``replay_init``, ``replay_add``, ``replay_sample`` and
-``replay_stored``, so it can live inside a compiled loop and be checkpointed
-with the rest of its carry.
+with pure functions ``replay_init``, ``replay_add``, ``replay_sample``,
+``replay_sample_windows``, ``replay_update`` and ``replay_stored``, so it can
+live inside a compiled loop and be checkpointed with the rest of its carry.
+
+Both can overwrite values in windows they sampled (``update``, ``replay_update``):
+the training loops write each update's posterior latents back (replay context).
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ def _human_bytes(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+class Windows(NamedTuple):
+    """Where sampled windows lie: env stream ``[B]`` and the absolute index (steps ever written to
+    that stream before it) of each window's first step ``[B]``."""
+
+    env: np.ndarray
+    first_step: np.ndarray
 
 
 class ReplayBuffer:
@@ -129,6 +140,11 @@ class ReplayBuffer:
     # ---------------------------------------------------------------- sample
 
     def sample(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``sample_windows`` without the windows' positions."""
+        return self.sample_windows(batch_size, seq_len, rng)[0]
+
+    def sample_windows(self, batch_size: int, seq_len: int, rng: np.random.Generator
+                       ) -> tuple[dict[str, np.ndarray], Windows]:
         """Sample windows of consecutive steps, uniformly over all valid windows.
 
         A window lies inside one env stream and follows written (chronological)
@@ -142,7 +158,8 @@ class ReplayBuffer:
           rng: source of randomness; the same generator state gives the same batch.
 
         Returns:
-          dict key -> array ``[B, T, *shape]`` with the spec dtype (a copy).
+          (dict key -> array ``[B, T, *shape]`` with the spec dtype (a copy), the windows' positions
+          for ``update``).
         """
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"replay.sample: batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -159,7 +176,33 @@ class ReplayBuffer:
         # Chronological index i lives at physical slot (oldest + i) % cap.
         oldest = (self._written - stored) % self.capacity_per_env
         slots = (oldest + start[:, None] + np.arange(seq_len)) % self.capacity_per_env  # [B, T]
-        return {k: a[env[:, None], slots] for k, a in self._data.items()}
+        windows = Windows(env, self._written - stored + start)
+        return {k: a[env[:, None], slots] for k, a in self._data.items()}, windows
+
+    def update(self, windows: Windows, values: Mapping[str, np.ndarray], offset: int = 0) -> int:
+        """Overwrite stored values in sampled windows: ``values[k][b, i]`` goes to step ``offset + i``
+        of window ``b``. Steps overwritten by newer data since the sample are skipped.
+
+        Args:
+          windows: positions from ``sample_windows``.
+          values: key -> ``[B, L, *shape]`` for some spec keys.
+          offset: where in the windows the values start.
+
+        Returns:
+          how many steps were written (per key).
+        """
+        steps = windows.first_step[:, None] + offset + np.arange(next(iter(values.values())).shape[1])
+        keep = steps >= self._written - self._stored_per_env()  # still stored
+        env = np.broadcast_to(windows.env[:, None], steps.shape)[keep]
+        slots = steps[keep] % self.capacity_per_env
+        for key, value in values.items():
+            shape, dtype = self.spec[key]
+            value = np.asarray(value)
+            if value.shape[2:] != shape or not np.can_cast(value.dtype, dtype, casting="same_kind"):
+                raise ValueError(f"replay.update: key '{key}' expected [B, L, *{shape}] {dtype}, "
+                                 f"got {value.shape} {value.dtype}")
+            self._data[key][env, slots] = value[keep]
+        return int(keep.sum())
 
     # ------------------------------------------------------------ checkpoint
 
@@ -245,6 +288,22 @@ def replay_stored(replay: DeviceReplay) -> Int[Array, ""]:
 
 
 def replay_sample(replay: DeviceReplay, batch_size: int, seq_len: int, key: PRNGKeyArray) -> dict[str, Array]:
+    """`replay_sample_windows` without the windows' slots."""
+    return replay_sample_windows(replay, batch_size, seq_len, key)[0]
+
+
+def replay_update(replay: DeviceReplay, env: Int[Array, " b"], slots: Int[Array, "b t"],
+                  values: Mapping[str, Array], offset: int = 0) -> DeviceReplay:
+    """Overwrite stored values in sampled windows (`env`, `slots` from `replay_sample_windows`, with
+    nothing added since): `values[k][b, i]` (`[B, L, ...]`) goes to slot `offset + i` of window b."""
+    length = next(iter(values.values())).shape[1]
+    where = (env[:, None], slots[:, offset:offset + length])
+    data = {k: v.at[where].set(values[k].astype(v.dtype)) if k in values else v for k, v in replay.data.items()}
+    return DeviceReplay(data, replay.written)
+
+
+def replay_sample_windows(replay: DeviceReplay, batch_size: int, seq_len: int, key: PRNGKeyArray
+                          ) -> tuple[dict[str, Array], tuple[Int[Array, " b"], Int[Array, "b t"]]]:
     """`batch_size` windows of `seq_len` consecutive steps, uniform over all valid windows.
 
     As the host `ReplayBuffer.sample`: a window lies inside one env stream, in written order, never
@@ -252,7 +311,7 @@ def replay_sample(replay: DeviceReplay, batch_size: int, seq_len: int, key: PRNG
     Only meaningful when `replay_stored(replay) >= seq_len` (the caller checks; under jit it cannot
     raise), otherwise windows repeat the stored steps' slots.
 
-    **Returns:** key -> `[B, T, *shape]`.
+    **Returns:** (key -> `[B, T, *shape]`, (env stream `[B]`, slots `[B, T]`) for `replay_update`).
     """
     num_envs, capacity = next(iter(replay.data.values())).shape[:2]
     stored = replay_stored(replay)
@@ -261,4 +320,4 @@ def replay_sample(replay: DeviceReplay, batch_size: int, seq_len: int, key: PRNG
     env, start = flat // starts_per_env, flat % starts_per_env
     oldest = (replay.written - stored) % capacity  # chronological index i lives at slot (oldest + i) % C
     slots = (oldest + start[:, None] + jnp.arange(seq_len)) % capacity  # [B, T]
-    return {k: v[env[:, None], slots] for k, v in replay.data.items()}
+    return {k: v[env[:, None], slots] for k, v in replay.data.items()}, (env, slots)

@@ -11,7 +11,7 @@ for a sequence). At step t, `action` is the action that led INTO step t (a_{t-1}
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Mapping
 
 import equinox as eqx
 import jax
@@ -74,6 +74,22 @@ class SequenceModel(eqx.Module):
     @property
     def policy_feature_dim(self) -> int:
         return self.feature_dim
+
+    # --- replay context (DreamerV3 2024): replay keeps each step's posterior as an "entry", and a
+    # sampled window continues from its first step's entry instead of the initial state.
+    def entry(self, state: State) -> dict[str, Array]:
+        """What replay stores of `state` (leaves `[..., *]` with any leading axes): arrays keyed by
+        name. Default: every field of a NamedTuple state, as is. Models override it to store less."""
+        return dict(state._asdict())
+
+    def from_entry(self, entry: Mapping[str, Array]) -> State:
+        """The state to continue from, given an `entry` `[B, ...]` (the inverse of `entry`)."""
+        return type(self.initial(1))(**entry)
+
+    def entry_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Per step, name -> (shape, dtype) of `entry` (what a replay buffer allocates)."""
+        shapes = jax.eval_shape(lambda: self.entry(self.initial(1)))
+        return {k: (tuple(v.shape[1:]), str(v.dtype)) for k, v in shapes.items()}
 
     @abc.abstractmethod
     def kl_loss(self, post: State, prior: State, free: float) -> tuple[Float[Array, "..."], Float[Array, "..."]]:

@@ -186,6 +186,17 @@ class RSSM(SequenceModel):
     def deter_dim(self) -> int:
         return self.config.deter
 
+    def entry(self, state: RSSMState) -> dict[str, Array]:
+        """deter as float16 (|h| < 1, so rounding moves it by at most 2^-12; half the memory) and the
+        one-hot stoch as class indices (the same sample, without the straight-through sum's 1-ulp
+        rounding). The logits are not needed to continue."""
+        index = jnp.uint8 if self.config.classes <= 256 else jnp.int32
+        return {"deter": state.deter.astype(jnp.float16), "stoch": jnp.argmax(state.stoch, -1).astype(index)}
+
+    def from_entry(self, entry: dict[str, Array]) -> RSSMState:
+        stoch = jax.nn.one_hot(entry["stoch"], self.config.classes, dtype=jnp.float32)
+        return RSSMState(entry["deter"].astype(jnp.float32), stoch, jnp.zeros_like(stoch))
+
     def kl_loss(self, post: RSSMState, prior: RSSMState, free: float) -> tuple[Array, Array]:
         return categorical_kl_loss(post.logits, prior.logits, free)
 
