@@ -39,6 +39,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert leaves_equal(straight["state"], resumed["state"])
     scores = lambda d: [(r["env_step"], r["return"]) for r in map(json.loads, (d / "scores.jsonl").open())]
     assert scores(tmp_path / "a") == scores(tmp_path / "b") and len(scores(tmp_path / "a")) > 3
+    assert resumed["recent_return"] == straight["recent_return"]  # the recent returns were checkpointed
 
 
 class _UnpicklableOnLoad(gym.Wrapper):
@@ -83,6 +84,16 @@ def test_train_step_compiles_once_in_the_background_during_train_start(tmp_path)
         jax.monitoring.unregister_event_duration_listener(listener)
     assert summary["updates"] > 1
     assert len(lowered_in) == 1 and lowered_in[0].startswith("compile-train"), lowered_in
+    # Resuming compiles for the restored state, whose arrays' placement is part of jit's cache key:
+    # the updates then find the program (no lowering outside the compile thread).
+    lowered_in.clear()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        resumed = loop.run(debug_config(tmp_path, 200, batch_size=3, seq_len=5, train_start=40), cartpole)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert resumed["updates"] > summary["updates"]
+    assert all(name.startswith("compile-train") for name in lowered_in), lowered_in
 
 
 def test_resuming_with_another_agent_config_is_refused(tmp_path):
@@ -91,6 +102,31 @@ def test_resuming_with_another_agent_config_is_refused(tmp_path):
                                     "agent.world_model.units": 48})
     with pytest.raises(loop.ConfigMismatchError, match="another config"):
         loop.run(other, cartpole)
+
+
+def test_resuming_with_another_replay_or_schedule_is_refused_and_keeps_the_saved_config(tmp_path):
+    loop.run(debug_config(tmp_path, 70), cartpole)
+    saved = (tmp_path / "config.json").read_text()
+    for change in ({"seq_len": 8}, {"replay_context": False}, {"train_ratio": 128.0}, {"seed": 3}):
+        with pytest.raises(loop.ConfigMismatchError, match=f"run.{next(iter(change))} is"):
+            loop.run(debug_config(tmp_path, 100, **change), cartpole)
+        assert (tmp_path / "config.json").read_text() == saved
+    loop.run(debug_config(tmp_path, 100, log_every=10, eval_every=50, eval_episodes=1), cartpole)  # allowed
+
+
+def test_logger_drops_records_after_the_step_it_restarts_from(tmp_path):
+    from worldmodels.logging import RunLogger, read_jsonl
+
+    logger = RunLogger(tmp_path, tensorboard=False)
+    for step in (10, 20, 30):
+        logger.metrics(step, {"x": step})
+        logger.score(step + 5, "train", 1.0, 3)
+    logger.close()
+    logger = RunLogger(tmp_path, tensorboard=False, start_step=20)  # the last checkpoint was at step 20
+    logger.metrics(30, {"x": -30})
+    logger.close()
+    assert [(r["env_step"], r["x"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [(10, 10), (20, 20), (30, -30)]
+    assert [r["env_step"] for r in read_jsonl(tmp_path / "scores.jsonl")] == [15]
 
 
 def test_cli_rejects_unknown_preset_and_key(capsys):

@@ -28,7 +28,7 @@ from worldmodels.actor_critic import (Actor, ActorCriticConfig, Critic, ReturnNo
                                       return_norm_init, return_norm_scale, return_norm_update)
 from worldmodels.dists import TwoHot, sg
 from worldmodels.optim import OptimConfig, make_optimizer
-from worldmodels.sequence.base import State
+from worldmodels.sequence.base import SequenceModel, State
 from worldmodels.world_model import ObsSpec, WorldModel, WorldModelConfig
 
 # How often each jitted function has been traced (compiled); tests check it stays at one.
@@ -189,7 +189,8 @@ def replay_latent(state: AgentState, carry: PolicyCarry) -> dict[str, Array]:
     return {LATENT + k: v for k, v in state.world_model.dynamics.entry(carry.latent).items()}
 
 
-def split_context(dynamics, batch: Mapping[str, Array]) -> tuple[State | None, dict[str, Array]]:
+def split_context(dynamics: SequenceModel, batch: Mapping[str, Array]
+                  ) -> tuple[State | None, dict[str, Array]]:
     """(the state to start from, the steps to train on): with `LATENT` keys, the first step's stored
     latent and the remaining T steps; without, (None, the whole batch)."""
     latent = {k[len(LATENT):]: v for k, v in batch.items() if k.startswith(LATENT)}

@@ -341,13 +341,12 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
     time (it includes compiling), env steps/s after the first chunk, the schedule, and the final
     agent `state` and `replay`.
     """
-    from worldmodels.loop import StopOnInterrupt, check_resumable  # the host loop imports this module
+    from worldmodels.loop import ConfigMismatchError, StopOnInterrupt, check_resumable  # (a circular import)
 
     rc = config.run
     logdir = Path(rc.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     check_resumable(logdir, config)
-    (logdir / "config.json").write_text(dumps(config))
 
     loop = DeviceLoop(config, env, env_params, chunk_env_steps)
     s = loop.schedule
@@ -358,19 +357,26 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
           f"{s.effective_train_ratio(rc.batch_size, rc.seq_len):g} (asked {rc.train_ratio:g})")
 
     counters = {"episodes": 0, "last_checkpoint": 0, "last_eval": 0}
+    recent: collections.deque = collections.deque(maxlen=100)  # the last episodes' returns
     ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
     if ckpt.latest_step() is not None:
+        if ckpt.read_meta().get("loop") != "device":
+            raise ConfigMismatchError(f"{logdir} holds a run of the host loop: resume it without --device-loop, "
+                                      "or pass a new --run.logdir.")
         restored, _, meta, _ = ckpt.restore({"carry": carry}, None)
         carry, counters = fresh_buffers(restored["carry"]), meta["counters"]
+        recent.extend(meta.get("recent_returns", []))
         print(f"resumed from {logdir} at env step {int(carry.env_steps)} ({int(carry.updates)} updates)")
+    (logdir / "config.json").write_text(dumps(config))
+    saved: list[int] = []  # the steps checkpointed by this call
 
     def checkpoint(wait: bool = False) -> None:
-        meta = {"loop": "device", "counters": counters, "config": to_dict(config)}
+        meta = {"loop": "device", "counters": counters, "recent_returns": list(recent), "config": to_dict(config)}
         ckpt.save(int(carry.env_steps), {"carry": carry}, None, meta, wait=wait)
         counters["last_checkpoint"] = int(carry.env_steps)
+        saved.append(int(carry.env_steps))
 
-    logger = RunLogger(logdir, rc.tensorboard)
-    recent: collections.deque = collections.deque(maxlen=100)
+    logger = RunLogger(logdir, rc.tensorboard, start_step=int(carry.env_steps))
     env_steps, updates = int(carry.env_steps), int(carry.updates)
     start, start_steps, start_updates = time.time(), env_steps, updates
     first_chunk_s, after_first = None, None
@@ -411,7 +417,7 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
     finally:
         # After a crash (or a second Ctrl-C) mid-chunk the carry's buffers may be donated or stale:
         # the previous checkpoint stays the one to resume from.
-        if clean_exit and (counters["last_checkpoint"] != env_steps or not ckpt.all_steps()):
+        if clean_exit and (counters["last_checkpoint"] != env_steps or not (saved or ckpt.all_steps())):
             checkpoint(wait=True)
         ckpt.close()
         logger.close()

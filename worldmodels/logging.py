@@ -17,19 +17,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class RunLogger:
-    """Appends JSON lines (resumed runs keep appending) and mirrors scalars to TensorBoard."""
+def _drop_after(path: Path, step: int) -> None:
+    """Rewrite a JSON-lines log without its records after env step `step` (atomically)."""
+    if not path.exists():
+        return
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("env_step", 0) <= step]
+    if len(kept) < len(records):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
 
-    def __init__(self, logdir: str | Path, tensorboard: bool = True):
+
+class RunLogger:
+    """Appends JSON lines and mirrors scalars to TensorBoard.
+
+    `start_step`: the env step the run (re)starts from. A resumed run keeps appending, but records
+    after it, left by a run that crashed or was aborted after its last checkpoint, are dropped first
+    (TensorBoard purges them too), so a resumed run's logs have no repeated steps.
+    """
+
+    def __init__(self, logdir: str | Path, tensorboard: bool = True, start_step: int = 0):
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "scores.jsonl"):
+            _drop_after(self.logdir / name, start_step)
         self._metrics = open(self.logdir / "metrics.jsonl", "a")
         self._scores = open(self.logdir / "scores.jsonl", "a")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.logdir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.logdir / "tensorboard"), purge_step=start_step + 1)
 
     def metrics(self, step: int, values: Mapping[str, Any]) -> None:
         record = {"env_step": int(step), "time": time.time(), **{k: _plain(v) for k, v in values.items()}}

@@ -66,6 +66,11 @@ def _make_vector_env(env_fn: EnvFn, config: Config,
     return envs
 
 
+# What a resumed run may change; every other run option shapes the replay or the training schedule.
+RESUME_MAY_CHANGE = {"steps", "log_every", "eval_every", "eval_episodes", "checkpoint_every", "logdir",
+                     "tensorboard", "progress"}
+
+
 def check_resumable(logdir: Path, config: Config) -> None:
     """A run directory belongs to one agent and env: refuse to resume it with another."""
     path = logdir / "config.json"
@@ -75,13 +80,14 @@ def check_resumable(logdir: Path, config: Config) -> None:
     problems = []
     if saved.agent != config.agent:
         problems.append("the agent config differs")
-    for name in ("env", "num_envs", "replay_capacity"):
+    for name in sorted(set(vars(saved.run)) - RESUME_MAY_CHANGE):
         if getattr(saved.run, name) != getattr(config.run, name):
             problems.append(f"run.{name} is {getattr(config.run, name)!r}, was {getattr(saved.run, name)!r}")
     if problems:
         raise ConfigMismatchError(
             f"{logdir} holds a run with another config ({'; '.join(problems)}). Resume it with the config in "
-            f"{path} (only run.steps and logging options may change), or pass a new --run.logdir.")
+            f"{path} (only run.{', run.'.join(sorted(RESUME_MAY_CHANGE))} may change), or pass a new "
+            "--run.logdir.")
 
 
 class StopOnInterrupt:
@@ -162,7 +168,6 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     logdir = Path(rc.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     check_resumable(logdir, config)
-    (logdir / "config.json").write_text(dumps(config))
 
     envs = _make_vector_env(env_fn, config, parallel_vector_env)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
@@ -175,17 +180,6 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     replay = ReplayBuffer({**spaces.step_spec(obs_space, act_spec), **latent_spec}, rc.replay_capacity, n)
     print(replay.describe())
     window = rc.seq_len + rc.replay_context  # a context step first, whose latent the update starts from
-    # The train step compiles in a thread while the envs take their first steps (train_start): XLA's
-    # compile releases the GIL, so the envs and the policy mostly run on the other core meanwhile.
-    background = ThreadPoolExecutor(1, thread_name_prefix="compile-train")
-    batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, window, *shape), dtype)
-                    for k, (shape, dtype) in replay.spec.items()}
-    if rc.train_ratio > 0 and rc.steps > rc.train_start:
-        train_compiled = background.submit(agent_lib.compile_train, state, batch_shapes, jax.random.PRNGKey(0))
-    else:  # no updates to come
-        train_compiled = Future()
-        train_compiled.set_result(None)
-
     key = jax.random.PRNGKey(rc.seed + 1)
     rng = np.random.default_rng(rc.seed)
     carry = agent_lib.initial_carry(state, n)
@@ -194,9 +188,13 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     pending: dict[str, np.ndarray] = {}  # the step observed but not yet stored
     episode_return, episode_length = np.zeros(n), np.zeros(n, np.int64)
 
+    recent = deque(maxlen=100)  # the last episodes' returns
     ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
     resumed = ckpt.latest_step() is not None
     if resumed:
+        if ckpt.read_meta().get("loop") == "device":
+            raise ConfigMismatchError(f"{logdir} holds a run of the device loop: resume it with --device-loop, "
+                                      "or pass a new --run.logdir.")
         agent_template = {"agent": state, "carry": carry, "key": key}
         replay_template = {**replay.state_dict(), "loop/episode_return": episode_return,
                            "loop/episode_length": episode_length}
@@ -209,6 +207,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         pending = {k[len("pending/"):]: v for k, v in replay_state.items() if k.startswith("pending/")}
         episode_return, episode_length = replay_state["loop/episode_return"], replay_state["loop/episode_length"]
         counters = meta["counters"]
+        recent.extend(meta.get("recent_returns", []))
         rng.bit_generator.state = meta["rng"]
         saved_envs = None
         if "envs" in blobs and not rc.parallel_envs:
@@ -225,6 +224,20 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                               "envs restart with new episodes")
             pending = {}
         print(f"resumed from {logdir} at env step {counters['env_steps']} ({counters['updates']} updates)")
+    (logdir / "config.json").write_text(dumps(config))
+
+    # The train step compiles in a thread while the envs take their first steps (train_start): XLA's
+    # compile releases the GIL, so the envs and the policy mostly run on the other core meanwhile. It
+    # compiles for the restored state and key when resuming (restored arrays are committed to a device,
+    # and that is part of jit's cache key).
+    background = ThreadPoolExecutor(1, thread_name_prefix="compile-train")
+    batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, window, *shape), dtype)
+                    for k, (shape, dtype) in replay.spec.items()}
+    if rc.train_ratio > 0 and rc.steps > max(rc.train_start, counters["env_steps"]):
+        train_compiled = background.submit(agent_lib.compile_train, state, batch_shapes, key)
+    else:  # no updates to come
+        train_compiled = Future()
+        train_compiled.set_result(None)
 
     if not pending:
         obs, _ = envs.reset(seed=rc.seed + 7919 * counters["env_steps"])
@@ -234,12 +247,13 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         episode_return[:], episode_length[:] = 0.0, 0
         carry = agent_lib.initial_carry(state, n)
 
-    logger = RunLogger(logdir, rc.tensorboard)
+    logger = RunLogger(logdir, rc.tensorboard, start_step=counters["env_steps"])
     eval_env = env_fn(rc.seed + 100_000) if rc.eval_every else None
     replayed_per_update = rc.batch_size * rc.seq_len
-    recent = deque(maxlen=100)
     pending_metrics: list[dict] = []
     start_time, start_steps, start_updates = time.time(), counters["env_steps"], counters["updates"]
+
+    saved: list[int] = []  # the steps checkpointed by this call
 
     def checkpoint(wait: bool = False) -> None:
         blobs = {}
@@ -250,12 +264,31 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                 warnings.warn(f"could not pickle the environments ({e}); a resume restarts their episodes")
         replay_state = {**replay.state_dict(), **{f"pending/{k}": v for k, v in pending.items()},
                         "loop/episode_return": episode_return, "loop/episode_length": episode_length}
-        meta = {"counters": counters, "rng": rng.bit_generator.state,
+        meta = {"counters": counters, "rng": rng.bit_generator.state, "recent_returns": list(recent),
                 "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in pending.items()},
                 "config": to_dict(config)}
         ckpt.save(counters["env_steps"], {"agent": state, "carry": carry, "key": key}, replay_state, meta,
                   blobs, wait=wait)
         counters["last_checkpoint"] = counters["env_steps"]
+        saved.append(counters["env_steps"])
+
+    def log_metrics(steps: int) -> None:
+        nonlocal pending_metrics
+        elapsed = max(time.time() - start_time, 1e-9)
+        values = {"env_steps_per_s": (steps - start_steps) / elapsed,
+                  "updates_per_s": (counters["updates"] - start_updates) / elapsed,
+                  "updates": counters["updates"], "episodes": counters["episodes"]}
+        if recent:
+            values["train/return_recent"] = float(np.mean(recent))
+        if pending_metrics:
+            stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending_metrics))
+            values.update({k: float(np.mean(v)) for k, v in stacked.items()})
+            pending_metrics = []
+        logger.metrics(steps, values)
+        if progress is not None:
+            progress.set_postfix({"env/s": f"{values['env_steps_per_s']:.0f}",
+                                  "upd/s": f"{values['updates_per_s']:.2f}",
+                                  "return": f"{values.get('train/return_recent', float('nan')):.1f}"})
 
     progress = None
     if rc.progress:
@@ -313,21 +346,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                 steps = counters["env_steps"]
                 if steps - counters["last_log"] >= rc.log_every:
                     counters["last_log"] = steps
-                    elapsed = max(time.time() - start_time, 1e-9)
-                    values = {"env_steps_per_s": (steps - start_steps) / elapsed,
-                              "updates_per_s": (counters["updates"] - start_updates) / elapsed,
-                              "updates": counters["updates"], "episodes": counters["episodes"]}
-                    if recent:
-                        values["train/return_recent"] = float(np.mean(recent))
-                    if pending_metrics:
-                        stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending_metrics))
-                        values.update({k: float(np.mean(v)) for k, v in stacked.items()})
-                        pending_metrics = []
-                    logger.metrics(steps, values)
-                    if progress is not None:
-                        progress.set_postfix({"env/s": f"{values['env_steps_per_s']:.0f}",
-                                              "upd/s": f"{values['updates_per_s']:.2f}",
-                                              "return": f"{values.get('train/return_recent', float('nan')):.1f}"})
+                    log_metrics(steps)
                 if eval_env is not None and steps - counters["last_eval"] >= rc.eval_every:
                     counters["last_eval"] = steps
                     key, k_eval = jax.random.split(key)
@@ -342,7 +361,9 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     finally:
         # Only a loop that stopped at a step boundary is consistent enough to save; after a crash the
         # previous checkpoint stays the one to resume from.
-        if clean_exit and (counters["last_checkpoint"] != counters["env_steps"] or not ckpt.all_steps()):
+        if clean_exit and pending_metrics:  # the updates since the last log (the log schedule stays)
+            log_metrics(counters["env_steps"])
+        if clean_exit and (counters["last_checkpoint"] != counters["env_steps"] or not (saved or ckpt.all_steps())):
             checkpoint(wait=True)
         ckpt.close()
         logger.close()
