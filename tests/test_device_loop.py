@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import envs as genvs
 import envs.jax as jenvs
 from experiments import train as train_cli
 from worldmodels import device_loop as dl
@@ -152,6 +153,11 @@ def test_resumed_run_equals_uninterrupted_run_and_evaluation_leaves_training_alo
     evals = [s for s in scores_a if s["mode"] == "eval"]
     assert [s["env_step"] for s in evals] == [128] * 3 + [256] * 3
     assert all(s["length"] == 9 and s["return"] in (-1.0, 1.0) for s in evals)  # whole catch episodes
+    # The host loop cannot resume a device-loop run: a clear error, and the saved config stays.
+    saved = (tmp_path / "b" / "config.json").read_text()
+    with pytest.raises(loop.ConfigMismatchError, match="run of the device loop"):
+        loop.run(debug_config(tmp_path / "b", steps=320, **common), lambda seed: genvs.make("bsuite/catch/0", seed=seed))
+    assert (tmp_path / "b" / "config.json").read_text() == saved
 
 
 def test_evaluate_runs_each_episode_once_to_its_end():
