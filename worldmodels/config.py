@@ -20,7 +20,7 @@ class RunConfig:
 
     env: str = "gym:CartPole-v1"  # envs.make name: gym:<id>, bsuite/<id>, ...
     num_envs: int = 1
-    parallel_envs: bool = False  # environments in subprocesses (the CLI's restart crashed ones)
+    parallel_envs: bool = False  # envs in subprocesses (the CLI uses envs.parallel: crashed ones restart)
     steps: int = 12_000  # environment steps (summed over envs)
     train_ratio: float = 64.0  # replayed steps per environment step (see loop.py)
     batch_size: int = 16
