@@ -12,6 +12,7 @@ import envs
 from experiments import train as train_cli
 from worldmodels import loop, spaces
 from worldmodels.config import make_config
+from worldmodels.logging import RunLogger, read_jsonl
 
 
 def cartpole(seed):
@@ -84,8 +85,8 @@ def test_train_step_compiles_once_in_the_background_during_train_start(tmp_path)
         jax.monitoring.unregister_event_duration_listener(listener)
     assert summary["updates"] > 1
     assert len(lowered_in) == 1 and lowered_in[0].startswith("compile-train"), lowered_in
-    # Resuming compiles for the restored state, whose arrays' placement is part of jit's cache key:
-    # the updates then find the program (no lowering outside the compile thread).
+    # Resuming compiles for the restored state and key, which are committed to a device (part of jit's
+    # cache key): the updates then find the program (no lowering outside the compile thread).
     lowered_in.clear()
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
@@ -115,8 +116,6 @@ def test_resuming_with_another_replay_or_schedule_is_refused_and_keeps_the_saved
 
 
 def test_logger_drops_records_after_the_step_it_restarts_from(tmp_path):
-    from worldmodels.logging import RunLogger, read_jsonl
-
     logger = RunLogger(tmp_path, tensorboard=False)
     for step in (10, 20, 30):
         logger.metrics(step, {"x": step})
