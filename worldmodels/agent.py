@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import functools
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import equinox as eqx
 import jax
@@ -177,16 +177,21 @@ def policy(state: AgentState, carry: PolicyCarry, obs: Mapping[str, Array], key:
 LATENT = "latent/"  # prefix of the replay-context keys in replay steps and batches
 
 
+def _latent_keys(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A sequence model's entry (or its spec) under the replay's `LATENT` keys."""
+    return {LATENT + k: v for k, v in entry.items()}
+
+
 def latent_spec(state: AgentState) -> dict[str, tuple[tuple[int, ...], str]]:
     """Per step, key -> (shape, dtype) of the posterior latent that replay keeps for replay context."""
-    return {LATENT + k: v for k, v in state.world_model.dynamics.entry_spec().items()}
+    return _latent_keys(state.world_model.dynamics.entry_spec())
 
 
 @jax.jit
 def replay_latent(state: AgentState, carry: PolicyCarry) -> dict[str, Array]:
     """The latent to store with the step `policy` just observed (its posterior in `carry`): `LATENT`
     keys, `[n, ...]`."""
-    return {LATENT + k: v for k, v in state.world_model.dynamics.entry(carry.latent).items()}
+    return _latent_keys(state.world_model.dynamics.entry(carry.latent))
 
 
 def split_context(dynamics: SequenceModel, batch: Mapping[str, Array]
@@ -292,8 +297,7 @@ def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
                     "update_norm": optax.global_norm(updates)})
     new = eqx.tree_at(lambda s: (s.world_model, s.actor, s.critic, s.slow_critic, s.opt_state, s.retnorm, s.step),
                       state, (wm, actor, critic, slow, opt_state, retnorm, state.step + 1))
-    latents = {LATENT + k: v for k, v in state.world_model.dynamics.entry(post).items()}
-    return new, metrics, latents
+    return new, metrics, _latent_keys(state.world_model.dynamics.entry(post))
 
 
 def _scale_group_updates(updates: tuple, config: OptimConfig) -> tuple:

@@ -39,6 +39,11 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
 
+    @property
+    def window(self) -> int:
+        """Steps per sampled replay window: seq_len, plus the context step with replay context."""
+        return self.seq_len + int(self.replay_context)
+
 
 @dataclass(frozen=True)
 class Config:

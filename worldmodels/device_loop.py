@@ -155,10 +155,9 @@ class DeviceLoop:
         self.config, self.env = config, env
         self.num_envs = n = rc.num_envs
         self.capacity_per_env = rc.replay_capacity // n
-        self.window = rc.seq_len + rc.replay_context  # a context step first (see agent.py)
-        if self.capacity_per_env < self.window:
+        if self.capacity_per_env < rc.window:
             raise ValueError(f"replay_capacity {rc.replay_capacity} gives {self.capacity_per_env} steps per env, "
-                             f"fewer than a window of {self.window} (seq_len {rc.seq_len}, replay_context "
+                             f"fewer than a window of {rc.window} (seq_len {rc.seq_len}, replay_context "
                              f"{rc.replay_context}): nothing could ever be sampled")
         self.obs_key, obs_shape, obs_dtype = _obs_layout(env, env_params)
         self.obs_spec = {self.obs_key: (obs_shape, obs_dtype)}
@@ -284,7 +283,7 @@ class DeviceLoop:
             def one(carry, key):
                 agent, replay = carry
                 k_sample, k_train = jax.random.split(key)
-                batch, (env, slots) = replay_sample_windows(replay, rc.batch_size, self.window, k_sample)
+                batch, (env, slots) = replay_sample_windows(replay, rc.batch_size, rc.window, k_sample)
                 agent, metrics, latents = agent_lib._train(agent, batch, k_train)
                 if rc.replay_context:  # the trained steps' new posteriors replace the stored ones
                     replay = replay_update(replay, env, slots, latents, offset=1)
@@ -294,7 +293,7 @@ class DeviceLoop:
         key, k_train = jax.random.split(c.key)
         shapes = jax.eval_shape(updates, c.agent, c.replay, k_train)[1]
         skip = lambda agent, replay, key: ((agent, replay), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-        ready = (c.env_steps >= rc.train_start) & (replay_stored(c.replay) >= self.window)
+        ready = (c.env_steps >= rc.train_start) & (replay_stored(c.replay) >= rc.window)
         (agent, replay), metrics = jax.lax.cond(ready, updates, skip, c.agent, c.replay, k_train)
         c = c._replace(agent=agent, replay=replay, key=key, updates=c.updates + jnp.where(ready, k, 0))
         return c, metrics, ready

@@ -9,9 +9,9 @@ step more, whose stored latent the update starts from; that context step is not 
 
 The step convention (see `WorldModel.loss`): step t stores o_t, the action a_{t-1} that led to it
 (zero at is_first), r_t, is_first, is_last and is_terminal (and, with replay context, the posterior
-latent inferred from o_t: the policy's, then each update's for the steps it trained on). The vector env runs in gymnasium's
-NEXT_STEP autoreset mode, so an episode's last observation is stored as its own step and the next
-vector step returns the reset observation.
+latent inferred from o_t: the policy's, then each update's for the steps it trained on). The vector
+env runs in gymnasium's NEXT_STEP autoreset mode, so an episode's last observation is stored as its
+own step and the next vector step returns the reset observation.
 """
 
 from __future__ import annotations
@@ -179,7 +179,6 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     latent_spec = agent_lib.latent_spec(state) if rc.replay_context else {}
     replay = ReplayBuffer({**spaces.step_spec(obs_space, act_spec), **latent_spec}, rc.replay_capacity, n)
     print(replay.describe())
-    window = rc.seq_len + rc.replay_context  # a context step first, whose latent the update starts from
     key = jax.random.PRNGKey(rc.seed + 1)
     rng = np.random.default_rng(rc.seed)
     carry = agent_lib.initial_carry(state, n)
@@ -231,7 +230,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     # compiles for the restored state and key when resuming (restored arrays are committed to a device,
     # and that is part of jit's cache key).
     background = ThreadPoolExecutor(1, thread_name_prefix="compile-train")
-    batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, window, *shape), dtype)
+    batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, rc.window, *shape), dtype)
                     for k, (shape, dtype) in replay.spec.items()}
     if rc.train_ratio > 0 and rc.steps > max(rc.train_start, counters["env_steps"]):
         train_compiled = background.submit(agent_lib.compile_train, state, batch_shapes, key)
@@ -304,9 +303,9 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                 key, k_act = jax.random.split(key)
                 obs_in = {k: v for k, v in pending.items() if k not in ("action", "reward", "is_last", "is_terminal")}
                 action, carry = agent_lib.policy(state, carry, obs_in, k_act)
-                latent = jax.device_get(agent_lib.replay_latent(state, carry)) if rc.replay_context else {}
+                latent = agent_lib.replay_latent(state, carry) if rc.replay_context else {}
+                action, latent = jax.device_get((action, latent))  # one wait for both
                 replay.add({**pending, **latent})
-                action = np.asarray(action)
                 done = pending["is_last"]
                 obs, reward, terminated, truncated, info = envs.step(spaces.env_actions(act_space, action))
                 # envs that had finished were reset by this step (NEXT_STEP autoreset); a restarted env
@@ -325,12 +324,12 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                     logger.score(counters["env_steps"], "train", episode_return[i], episode_length[i])
 
                 # 2. train: train_ratio replayed steps per env step
-                if counters["env_steps"] >= rc.train_start and replay.can_sample(window):
+                if counters["env_steps"] >= rc.train_start and replay.can_sample(rc.window):
                     counters["train_credit"] += n * rc.train_ratio / replayed_per_update
                     if counters["train_credit"] >= 1.0:
                         train_compiled.result()  # re-raises what went wrong in the compile, if anything
                     while counters["train_credit"] >= 1.0:
-                        batch, windows = replay.sample_windows(rc.batch_size, window, rng)
+                        batch, windows = replay.sample_windows(rc.batch_size, rc.window, rng)
                         key, k_train = jax.random.split(key)
                         state, metrics, latents = agent_lib.train(state, batch, k_train)
                         if rc.replay_context:  # the trained steps' new posteriors replace the stored ones
