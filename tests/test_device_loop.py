@@ -14,6 +14,7 @@ from experiments import train as train_cli
 from worldmodels import device_loop as dl
 from worldmodels import loop
 from worldmodels import replay as replay_lib
+from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import make_config
 
 
@@ -141,6 +142,8 @@ def test_resumed_run_equals_uninterrupted_run_and_evaluation_leaves_training_alo
     assert first["env_steps"] == 128
     b = loop.run_on_device(debug_config(tmp_path / "b", steps=256, **common), env, params, chunk_env_steps=64)
     assert (tmp_path / "b" / "checkpoints" / "256").is_dir()
+    with Checkpointer(tmp_path / "b" / "checkpoints") as ckpt:  # only the 256 stored steps (1 env)
+        assert ckpt.array_specs()["agent"][("carry", "replay", "data", "reward")] == ((1, 256), "float32")
     assert a["env_steps"] == b["env_steps"] == 256 and a["updates"] == b["updates"] > 0
     for x, y in zip(jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -11,6 +11,7 @@ import pytest
 import envs
 from experiments import train as train_cli
 from worldmodels import loop, spaces
+from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import make_config
 from worldmodels.logging import RunLogger, read_jsonl
 
@@ -69,7 +70,12 @@ def test_run_writes_logs_and_checkpoints(tmp_path):
     modes = {json.loads(line)["mode"] for line in (tmp_path / "scores.jsonl").open()}
     assert modes == {"train", "eval"}
     assert json.loads((tmp_path / "config.json").read_text())["run"]["num_envs"] == 2
-    assert any((tmp_path / "checkpoints").iterdir())
+    # The exit checkpoint holds the 150 steps per env that replay stores, not its whole ring.
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.latest_step() == 300 and ckpt.read_meta()["replay_stored"] == 150
+        replay = ckpt.array_specs()["replay"]
+    assert replay[("data/reward",)] == ((2, 150), "float32")
+    assert replay[("data/vector",)] == ((2, 150, 4), "float32")
 
 
 def test_train_step_compiles_once_in_the_background_during_train_start(tmp_path):

@@ -71,7 +71,8 @@ def test_before_full_never_reads_unwritten_slots():
     num_envs, cap = 3, 30
     buf = ReplayBuffer(SPEC, cap, num_envs)
     # Put a sentinel in all storage (through the public checkpoint path), then write 6 steps.
-    state = {k: np.full_like(v, np.array(SENTINEL_T).astype(v.dtype)) for k, v in buf.state_dict().items()}
+    state = {k: np.full(v.shape, np.array(SENTINEL_T).astype(v.dtype))
+             for k, v in buf.state_template(buf.capacity_per_env).items()}
     state["counter/written"] = np.array(0, np.int64)
     buf.load_state_dict(state)
     for t in range(6):
@@ -195,10 +196,33 @@ def test_state_dict_round_trip_is_exact():
     check_windows(b, 5, 7, 17)
 
 
+def test_state_dict_holds_the_stored_steps_only():
+    buf = filled(capacity=20, num_envs=2, steps=3)
+    state = buf.state_dict()
+    assert state["data/t"].shape == (2, 3) and state["data/image"].shape == (2, 3, *IMAGE)
+    template = buf.state_template(3)
+    assert {k: (v.shape, v.dtype) for k, v in template.items()} == {k: (v.shape, v.dtype) for k, v in state.items()}
+    assert filled(capacity=20, num_envs=2, steps=13).state_dict()["data/t"].shape == (2, 10)  # wrapped: all
+    # The whole ring (as older checkpoints saved it) restores the same buffer.
+    full = {k: np.zeros((2, 10, *v.shape[2:]), v.dtype) if k.startswith("data/") else v for k, v in state.items()}
+    for k in state:
+        if k.startswith("data/"):
+            full[k][:, :3] = state[k]
+    other = ReplayBuffer(SPEC, 20, 2)
+    other.load_state_dict(full)
+    for k, v in state.items():
+        np.testing.assert_array_equal(other.state_dict()[k], v)
+
+
 def test_load_state_dict_rejects_other_spec_or_capacity():
     state = filled(capacity=20, num_envs=2, steps=3).state_dict()
+    wrapped = filled(capacity=20, num_envs=2, steps=13).state_dict()
     with pytest.raises(ValueError, match="another spec"):
-        ReplayBuffer(SPEC, 30, 2).load_state_dict(state)
+        ReplayBuffer(SPEC, 30, 2).load_state_dict(wrapped)  # its ring order would not carry over
+    with pytest.raises(ValueError, match="another spec"):
+        ReplayBuffer(SPEC, 4, 2).load_state_dict(state)  # 3 stored steps per env do not fit in 2
+    with pytest.raises(ValueError, match="another spec"):
+        ReplayBuffer(SPEC, 20, 4).load_state_dict(state)
     with pytest.raises(ValueError, match="another spec"):
         ReplayBuffer({**SPEC, "image": (IMAGE, np.float32)}, 20, 2).load_state_dict(state)
     with pytest.raises(ValueError, match="another spec"):

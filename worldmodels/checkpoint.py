@@ -381,6 +381,28 @@ class Checkpointer:
         """The user metadata of a checkpoint (latest if `step` is None), without reading any array."""
         return self._read_document(step)[1]["user"]
 
+    def array_specs(self, step: int | None = None) -> dict[str, dict[tuple[str, ...], tuple[tuple[int, ...], str]]]:
+        """What a checkpoint (latest if `step` is None) holds, without reading any array: per item
+        (``"agent"``, ``"replay"``, ``"blobs"``), ``{leaf path: (shape, dtype)}``."""
+        step, document = self._read_document(step)
+        return self._array_specs(step, document["checkpointer"])
+
+    def _array_specs(self, step: int, info: dict) -> dict[str, dict]:
+        saved_items = set(info["items"])
+        item_meta = self._manager.item_metadata(step)
+        specs = {}
+        for name in _ARRAY_ITEMS:
+            specs[name] = {tuple(p): (tuple(s), d) for p, s, d in info["zero_size"].get(name, [])}
+            if name in saved_items:
+                md = item_meta[name] if name in item_meta else None
+                if md is None:
+                    raise CheckpointMismatchError(
+                        f"Checkpoint step {step} in {self.directory}: orbax "
+                        f"metadata of item {name!r} is missing or unreadable."
+                    )
+                specs[name].update(_flat_specs(getattr(md, "tree", md)))
+        return specs
+
     def restore(
         self,
         agent_template: Any,
@@ -412,20 +434,7 @@ class Checkpointer:
             name: {tuple(p): (tuple(s), d) for p, s, d in entries}
             for name, entries in info["zero_size"].items()
         }
-        item_meta = self._manager.item_metadata(step)
-
-        def saved_specs(name: str) -> dict:
-            specs = dict(zero_size.get(name, {}))
-            if name in saved_items:
-                md = item_meta[name] if name in item_meta else None
-                if md is None:
-                    raise CheckpointMismatchError(
-                        f"Checkpoint step {step} in {self.directory}: orbax "
-                        f"metadata of item {name!r} is missing or unreadable."
-                    )
-                tree = getattr(md, "tree", md)
-                specs.update(_flat_specs(tree))
-            return specs
+        specs = self._array_specs(step, info)
 
         args: dict[str, Any] = {}
 
@@ -439,7 +448,7 @@ class Checkpointer:
             arrays,
         )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, raw)
-        self._check_match(step, "agent state", saved_specs("agent"), _flat_specs(abstract))
+        self._check_match(step, "agent state", specs["agent"], _flat_specs(abstract))
         agent_zero = zero_size.get("agent", {})
         abstract_saved = jax.tree_util.tree_map_with_path(
             lambda p, x: None if _path(p) in agent_zero else x, abstract
@@ -453,7 +462,7 @@ class Checkpointer:
             replay_specs = {}
             for k, v in replay_template.items():
                 replay_specs[(str(k),)] = _spec(v)
-            self._check_match(step, "replay state", saved_specs("replay"), replay_specs)
+            self._check_match(step, "replay state", specs["replay"], replay_specs)
             replay_zero = zero_size.get("replay", {})
             # Zero-size arrays were saved as None: keep them None in the target.
             target = {

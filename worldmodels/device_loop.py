@@ -43,8 +43,8 @@ from worldmodels.agent import ActionSpec, AgentState, PolicyCarry
 from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import Config, dumps, to_dict
 from worldmodels.logging import RunLogger
-from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_sample_windows, replay_stored,
-                                replay_update)
+from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_pad, replay_sample_windows,
+                                replay_stored, replay_stored_part, replay_update)
 
 # How often the chunk has been traced (compiled); tests check it stays at one per DeviceLoop.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -362,16 +362,26 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
         if ckpt.read_meta().get("loop") != "device":
             raise ConfigMismatchError(f"{logdir} holds a run of the host loop: resume it without --device-loop, "
                                       "or pass a new --run.logdir.")
-        restored, _, meta, _ = ckpt.restore({"carry": carry}, None)
-        carry, counters = fresh_buffers(restored["carry"]), meta["counters"]
+        # Checkpoints hold the replay's stored part (older ones the whole ring): the metadata says how much.
+        stored = ckpt.read_meta().get("replay_stored", loop.capacity_per_env)
+        part = lambda x: jax.ShapeDtypeStruct((x.shape[0], stored, *x.shape[2:]), x.dtype, sharding=x.sharding)
+        template = carry._replace(replay=carry.replay._replace(data=jax.tree.map(part, carry.replay.data)))
+        del carry  # its empty replay would stay in memory next to the restored one
+        restored, _, meta, _ = ckpt.restore({"carry": template}, None)
+        restored = fresh_buffers(restored["carry"])
+        carry = restored._replace(replay=replay_pad(restored.replay, loop.capacity_per_env))
+        counters = meta["counters"]
         recent.extend(meta.get("recent_returns", []))
         print(f"resumed from {logdir} at env step {int(carry.env_steps)} ({int(carry.updates)} updates)")
     (logdir / "config.json").write_text(dumps(config))
     saved: list[int] = []  # the steps checkpointed by this call
 
     def checkpoint(wait: bool = False) -> None:
-        meta = {"loop": "device", "counters": counters, "recent_returns": list(recent), "config": to_dict(config)}
-        ckpt.save(int(carry.env_steps), {"carry": carry}, None, meta, wait=wait)
+        stored = int(replay_stored(carry.replay))
+        meta = {"loop": "device", "counters": counters, "recent_returns": list(recent), "replay_stored": stored,
+                "config": to_dict(config)}
+        ckpt.save(int(carry.env_steps), {"carry": carry._replace(replay=replay_stored_part(carry.replay, stored))},
+                  None, meta, wait=wait)
         counters["last_checkpoint"] = int(carry.env_steps)
         saved.append(int(carry.env_steps))
 

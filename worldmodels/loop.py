@@ -191,14 +191,16 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
     resumed = ckpt.latest_step() is not None
     if resumed:
-        if ckpt.read_meta().get("loop") == "device":
+        saved_meta = ckpt.read_meta()
+        if saved_meta.get("loop") == "device":
             raise ConfigMismatchError(f"{logdir} holds a run of the device loop: resume it with --device-loop, "
                                       "or pass a new --run.logdir.")
         agent_template = {"agent": state, "carry": carry, "key": key}
-        replay_template = {**replay.state_dict(), "loop/episode_return": episode_return,
-                           "loop/episode_length": episode_length}
-        # The metadata gives the shapes of the pending step, which the replay's restore target needs.
-        pending_keys = ckpt.read_meta()["pending_keys"]
+        # The metadata gives the shapes that the replay's restore target needs: the stored steps (older
+        # checkpoints saved the whole ring) and the pending step.
+        replay_template = {**replay.state_template(saved_meta.get("replay_stored", replay.capacity_per_env)),
+                           "loop/episode_return": episode_return, "loop/episode_length": episode_length}
+        pending_keys = saved_meta["pending_keys"]
         replay_template.update({f"pending/{k}": np.zeros(tuple(s), d) for k, (s, d) in pending_keys.items()})
         restored, replay_state, meta, blobs = ckpt.restore(agent_template, replay_template)
         state, carry, key = restored["agent"], restored["carry"], restored["key"]
@@ -264,6 +266,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         replay_state = {**replay.state_dict(), **{f"pending/{k}": v for k, v in pending.items()},
                         "loop/episode_return": episode_return, "loop/episode_length": episode_length}
         meta = {"counters": counters, "rng": rng.bit_generator.state, "recent_returns": list(recent),
+                "replay_stored": len(replay) // replay.num_envs,
                 "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in pending.items()},
                 "config": to_dict(config)}
         ckpt.save(counters["env_steps"], {"agent": state, "carry": carry, "key": key}, replay_state, meta,

@@ -8,7 +8,8 @@ allocated once in ``__init__``, so the buffer can never grow past ``nbytes``
 ``DeviceReplay`` (the device loop's) is the same ring as a PyTree of JAX arrays
 with pure functions ``replay_init``, ``replay_add``, ``replay_sample``,
 ``replay_sample_windows``, ``replay_update`` and ``replay_stored``, so it can
-live inside a compiled loop and be checkpointed with the rest of its carry.
+live inside a compiled loop and be checkpointed with the rest of its carry
+(``replay_stored_part`` and ``replay_pad`` leave out its empty part).
 
 Both can overwrite values in windows they sampled (``update``, ``replay_update``):
 the training loops write each update's posterior latents back (replay context).
@@ -207,43 +208,62 @@ class ReplayBuffer:
     # ------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Flat dict of numpy arrays for checkpointing.
+        """Flat dict of numpy arrays for checkpointing: the stored part of the buffer only.
 
-        Keys are ``'data/<spec key>'`` (``[num_envs, capacity_per_env, *shape]``)
-        and ``'counter/written'`` (int64 scalar). Data arrays are read-only
-        views of the buffer's storage, not copies, so a big buffer is not
-        duplicated in RAM; save them before the next ``add``.
+        Keys are ``'data/<spec key>'`` (``[num_envs, stored, *shape]``, ``stored`` =
+        ``min(steps written per env, capacity_per_env)``; the ring fills slots in order, so
+        these are its written slots) and ``'counter/written'`` (int64 scalar). Data arrays are
+        read-only views of the buffer's storage, not copies, so a big buffer is not duplicated
+        in RAM; save them before the next ``add``. ``state_template`` gives their shapes for a
+        restore.
         """
+        stored = self._stored_per_env()
         state: dict[str, np.ndarray] = {}
         for key, array in self._data.items():
-            view = array.view()
+            view = array[:, :stored]
             view.flags.writeable = False
             state[_DATA + key] = view
         state[_WRITTEN] = np.array(self._written, np.int64)
         return state
 
+    def state_template(self, stored_per_env: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of ``state_dict()`` for a buffer like this one holding
+        ``stored_per_env`` steps per env stream (the restore target of a checkpoint)."""
+        if not 0 <= stored_per_env <= self.capacity_per_env:
+            raise ValueError(f"replay.state_template: stored_per_env must be in [0, {self.capacity_per_env}], "
+                             f"got {stored_per_env}")
+        template = {_DATA + k: jax.ShapeDtypeStruct((self.num_envs, stored_per_env, *shape), dtype)
+                    for k, (shape, dtype) in self.spec.items()}
+        template[_WRITTEN] = jax.ShapeDtypeStruct((), np.int64)
+        return template
+
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        """Restore exactly from ``state_dict()`` output of a buffer with the same
-        spec, capacity and num_envs (data is copied into this buffer's storage)."""
+        """Restore exactly from ``state_dict()`` output of a buffer with the same spec,
+        capacity and num_envs (data is copied into this buffer's storage). Data arrays
+        holding more than the stored steps, up to the whole ring, are accepted too."""
         expected = {_DATA + k for k in self._data} | {_WRITTEN}
         if set(state) != expected:
             raise ValueError(
                 "replay.load_state_dict: checkpoint comes from a replay with another spec: "
                 f"expected keys {sorted(expected)}, got {sorted(state)}"
             )
-        for key, array in self._data.items():
-            got = np.asarray(state[_DATA + key])
-            if got.shape != array.shape or got.dtype != array.dtype:
-                raise ValueError(
-                    "replay.load_state_dict: checkpoint comes from a replay with another "
-                    f"spec/capacity/num_envs: key '{key}' expected {array.shape} {array.dtype}, "
-                    f"got {got.shape} {got.dtype}"
-                )
         written = np.asarray(state[_WRITTEN])
         if written.shape != () or not np.issubdtype(written.dtype, np.integer) or int(written) < 0:
             raise ValueError(f"replay.load_state_dict: '{_WRITTEN}' must be a non-negative integer scalar, got {written!r}")
+        stored = min(int(written), self.capacity_per_env)
         for key, array in self._data.items():
-            np.copyto(array, state[_DATA + key])
+            got = np.asarray(state[_DATA + key])
+            if (got.ndim != array.ndim or got.shape[0] != array.shape[0] or got.shape[2:] != array.shape[2:]
+                    or not stored <= got.shape[1] <= array.shape[1] or got.dtype != array.dtype):
+                raise ValueError(
+                    "replay.load_state_dict: checkpoint comes from a replay with another "
+                    f"spec/capacity/num_envs: key '{key}' expected {(array.shape[0], stored, *array.shape[2:])} "
+                    f"{array.dtype} ({stored} of {array.shape[1]} steps per env stored), got {got.shape} {got.dtype}"
+                )
+        for key, array in self._data.items():
+            got = np.asarray(state[_DATA + key])
+            np.copyto(array[:, :got.shape[1]], got)
+            array[:, got.shape[1]:] = 0
         self._written = int(written)
 
 
@@ -285,6 +305,22 @@ def replay_stored(replay: DeviceReplay) -> Int[Array, ""]:
     """Steps currently stored per env stream."""
     capacity = next(iter(replay.data.values())).shape[1]
     return jnp.minimum(replay.written, capacity)
+
+
+def replay_stored_part(replay: DeviceReplay, stored: int) -> DeviceReplay:
+    """The replay cut to its first `stored` slots per env stream (`[N, stored, *shape]` per key): with
+    `stored = int(replay_stored(replay))`, all it holds (the ring fills slots in order), e.g. to
+    checkpoint it without the empty part. `replay_pad` undoes it."""
+    return DeviceReplay({k: v[:, :stored] for k, v in replay.data.items()}, replay.written)
+
+
+def replay_pad(replay: DeviceReplay, capacity_per_env: int) -> DeviceReplay:
+    """A `replay_stored_part` result padded with zeros back to `capacity_per_env` slots per env stream."""
+    data = {}
+    for k, v in replay.data.items():
+        full = jnp.zeros((v.shape[0], capacity_per_env, *v.shape[2:]), v.dtype, device=v.sharding)
+        data[k] = full.at[:, :v.shape[1]].set(v)
+    return DeviceReplay(data, replay.written)
 
 
 def replay_sample(replay: DeviceReplay, batch_size: int, seq_len: int, key: PRNGKeyArray) -> dict[str, Array]:
