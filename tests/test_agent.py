@@ -12,8 +12,8 @@ from worldmodels.config import make_config
 OBS_SPEC = {"vector": ((3,), "float32")}
 
 
-def tiny_agent(discrete=True, seed=0, obs_spec=OBS_SPEC):
-    config = make_config(["debug"]).agent
+def tiny_agent(discrete=True, seed=0, obs_spec=OBS_SPEC, **overrides):
+    config = make_config(["debug"], overrides).agent
     return agent_lib.init(config, obs_spec, agent_lib.ActionSpec(2, discrete), jax.random.PRNGKey(seed))
 
 
@@ -254,3 +254,51 @@ def test_train_continues_from_the_context_step_latent():
     assert latents[agent_lib.LATENT + "deter"].shape == (b, t, deter)
     np.testing.assert_allclose(np.asarray(latents[agent_lib.LATENT + "deter"][:, 0], np.float32),
                                np.asarray(from_initial, np.float16).astype(np.float32), atol=2.0 ** -10)
+
+
+def _matmul_dtypes(fn, *args) -> set[tuple[str, ...]]:
+    """The operand dtypes of every matmul and convolution in `fn`'s jaxpr (sub-jaxprs included)."""
+    found = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_bfloat16_compute_runs_every_matmul_in_bfloat16_and_keeps_parameters_float32():
+    spec = {"image": ((16, 16, 3), "uint8"), "vector": ((3,), "float32")}
+    batch = sine_batch()
+    batch["image"] = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 16, 3), dtype=np.uint8)
+    state = tiny_agent(obs_spec=spec, seed=8, **{"agent.compute_dtype": "bfloat16",
+                                                 "agent.world_model.decoder_blocks": 2})
+    key = jax.random.PRNGKey(0)
+    # Forward and backward passes: world model, imagination, actor and critic.
+    assert _matmul_dtypes(agent_lib._train, state, batch, key) == {("bfloat16", "bfloat16")}
+    f32_state = tiny_agent(obs_spec=spec, seed=8, **{"agent.world_model.decoder_blocks": 2})
+    assert _matmul_dtypes(agent_lib._train, f32_state, batch, key) == {("float32", "float32")}
+    state, metrics, _ = agent_lib.train(state, batch, key)
+    assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
+    leaves = jax.tree.leaves((state.params, state.opt_state, state.slow_critic))
+    assert {str(x.dtype) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {"float32"}
+    carry = agent_lib.initial_carry(state, 2)
+    assert carry.latent.deter.dtype == jnp.bfloat16 and carry.latent.logits.dtype == jnp.float32
+    obs = {k: v[:2, 0] for k, v in batch.items() if k in spec} | {"is_first": np.ones(2, bool)}
+    action, carry = agent_lib.policy(state, carry, obs, key)
+    assert action.dtype == jnp.float32 and carry.latent.deter.dtype == jnp.bfloat16
+
+
+def test_bfloat16_compute_lowers_the_world_model_loss_and_unknown_dtypes_are_refused():
+    state = tiny_agent(**{"agent.compute_dtype": "bfloat16"})
+    batch = sine_batch()
+    losses = []
+    for i in range(60):
+        state, metrics, _ = agent_lib.train(state, batch, jax.random.PRNGKey(i))
+        losses.append(float(metrics["loss/world_model"]))
+    assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    with pytest.raises(ValueError, match="unknown compute_dtype 'float16'"):
+        tiny_agent(**{"agent.compute_dtype": "float16"})

@@ -47,24 +47,26 @@ class ActorCriticConfig:
 
 
 class Actor(eqx.Module):
-    """Policy features `[..., F]` -> action distribution (one-hot categorical or bounded normal)."""
+    """Policy features `[..., F]` -> action distribution (one-hot categorical or bounded normal). The
+    network computes in `dtype`; the distribution is float32."""
 
     discrete: bool = eqx.field(static=True)
     action_dim: int = eqx.field(static=True)
     config: ActorCriticConfig = eqx.field(static=True)
+    dtype: str = eqx.field(static=True)
     mlp: MLP
     out: Linear
 
     def __init__(self, feat_dim: int, action_dim: int, discrete: bool, config: ActorCriticConfig, *,
-                 key: PRNGKeyArray):
+                 key: PRNGKeyArray, dtype: str = "float32"):
         k1, k2 = jax.random.split(key)
-        self.discrete, self.action_dim, self.config = discrete, action_dim, config
+        self.discrete, self.action_dim, self.config, self.dtype = discrete, action_dim, config, dtype
         self.mlp = MLP(feat_dim, config.units, config.layers, key=k1, norm=config.norm)
         self.out = Linear(config.units, action_dim if discrete else 2 * action_dim, key=k2,
                           outscale=config.actor_outscale)
 
     def __call__(self, feat: Float[Array, "... f"]) -> OneHotCategorical | BoundedNormal:
-        x = self.out(self.mlp(feat))
+        x = self.out(self.mlp(feat.astype(self.dtype))).astype(jnp.float32)
         if self.discrete:
             return OneHotCategorical.from_logits(x, self.config.unimix)
         mean, std = jnp.split(x, 2, -1)
@@ -72,20 +74,22 @@ class Actor(eqx.Module):
 
 
 class Critic(eqx.Module):
-    """Policy features `[..., F]` -> twohot value distribution; the output layer starts at zero."""
+    """Policy features `[..., F]` -> twohot value distribution; the output layer starts at zero. The
+    network computes in `dtype`; the distribution is float32."""
 
     bins: int = eqx.field(static=True)
+    dtype: str = eqx.field(static=True)
     mlp: MLP
     out: Linear
 
-    def __init__(self, feat_dim: int, config: ActorCriticConfig, *, key: PRNGKeyArray):
+    def __init__(self, feat_dim: int, config: ActorCriticConfig, *, key: PRNGKeyArray, dtype: str = "float32"):
         k1, k2 = jax.random.split(key)
-        self.bins = config.bins
+        self.bins, self.dtype = config.bins, dtype
         self.mlp = MLP(feat_dim, config.units, config.layers, key=k1, norm=config.norm)
         self.out = Linear(config.units, config.bins, key=k2, outscale=0.0)
 
     def __call__(self, feat: Float[Array, "... f"]) -> TwoHot:
-        return TwoHot(self.out(self.mlp(feat)), symexp_bins(self.bins))
+        return TwoHot(self.out(self.mlp(feat.astype(self.dtype))).astype(jnp.float32), symexp_bins(self.bins))
 
 
 def lambda_return(reward: Float[Array, "... h"], discount: Float[Array, "... h"],

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Literal, Mapping, NamedTuple
 
 import equinox as eqx
 import jax
@@ -40,6 +40,9 @@ class AgentConfig:
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
     actor_critic: ActorCriticConfig = field(default_factory=ActorCriticConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # The networks' compute dtype. DreamerV3 2024 computes in bfloat16 with float32 parameters, which
+    # pays on GPUs and TPUs; parameters, optimiser, logits, distributions and losses stay float32.
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,9 @@ class PolicyCarry(NamedTuple):
 
 def init(config: AgentConfig, obs_spec: ObsSpec, action_spec: ActionSpec, key: PRNGKeyArray) -> AgentState:
     """A freshly initialised agent for observations `obs_spec` (key -> (shape, dtype)) and actions."""
+    if config.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown compute_dtype {config.compute_dtype!r}; valid: 'float32', 'bfloat16' "
+                         "(--agent.compute-dtype)")
     spec = tuple((k, tuple(int(d) for d in s), str(jnp.dtype(t))) for k, (s, t) in sorted(obs_spec.items()))
     # Inside a trace (jit, vmap over seeds, eval_shape) the caller's transformation compiles it.
     state = (_init if isinstance(key, jax.core.Tracer) else _init_program())(config, spec, action_spec, key)
@@ -88,10 +94,11 @@ def init(config: AgentConfig, obs_spec: ObsSpec, action_spec: ActionSpec, key: P
 def _init(config: AgentConfig, spec: tuple, action_spec: ActionSpec, key: PRNGKeyArray) -> AgentState:
     obs_spec = {k: (shape, dtype) for k, shape, dtype in spec}
     k1, k2, k3 = jax.random.split(key, 3)
-    wm = WorldModel(config.world_model, obs_spec, action_spec.dim, key=k1)
+    dtype = config.compute_dtype
+    wm = WorldModel(config.world_model, obs_spec, action_spec.dim, key=k1, dtype=dtype)
     pdim = wm.dynamics.policy_feature_dim
-    actor = Actor(pdim, action_spec.dim, action_spec.discrete, config.actor_critic, key=k2)
-    critic = Critic(pdim, config.actor_critic, key=k3)
+    actor = Actor(pdim, action_spec.dim, action_spec.discrete, config.actor_critic, key=k2, dtype=dtype)
+    critic = Critic(pdim, config.actor_critic, key=k3, dtype=dtype)
     params = (wm, actor, critic)
     opt_state = make_optimizer(config.optim).init(eqx.filter(params, eqx.is_array))
     # The slow critic starts as a copy; jit outputs are distinct buffers, as the donating train step needs.

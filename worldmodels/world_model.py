@@ -63,9 +63,11 @@ class Encoder(eqx.Module):
     cnn: ConvEncoder | None
     mlp: MLP | None
     out_dim: int = eqx.field(static=True)
+    dtype: str = eqx.field(static=True)
 
-    def __init__(self, spec: ObsSpec, config: WorldModelConfig, *, key: PRNGKeyArray):
+    def __init__(self, spec: ObsSpec, config: WorldModelConfig, *, key: PRNGKeyArray, dtype: str = "float32"):
         self.image_keys, self.vector_keys = split_keys(spec, config)
+        self.dtype = dtype
         k1, k2 = jax.random.split(key)
         self.cnn = self.mlp = None
         out = 0
@@ -85,10 +87,10 @@ class Encoder(eqx.Module):
     def __call__(self, obs: Mapping[str, Array]) -> Float[Array, "... e"]:
         outs = []
         if self.cnn is not None:
-            outs.append(self.cnn(jnp.concatenate([obs[k] for k in self.image_keys], -1)))
+            outs.append(self.cnn(jnp.concatenate([obs[k] for k in self.image_keys], -1), self.dtype))
         if self.mlp is not None:
             vec = jnp.concatenate([obs[k].astype(jnp.float32) for k in self.vector_keys], -1)
-            outs.append(self.mlp(symlog(vec)))
+            outs.append(self.mlp(symlog(vec).astype(self.dtype)))
         return jnp.concatenate(outs, -1)
 
 
@@ -105,11 +107,14 @@ class Decoder(eqx.Module):
     cnn: ConvDecoder | None
     mlp: MLP | None
     vector_out: Linear | None
+    dtype: str = eqx.field(static=True)
 
     def __init__(self, spec: ObsSpec, feat_dim: int, config: WorldModelConfig, *, key: PRNGKeyArray,
-                 deter_dim: int = 0):
-        """`deter_dim`: how many leading features are the deterministic state (for the block decoder)."""
+                 deter_dim: int = 0, dtype: str = "float32"):
+        """`deter_dim`: how many leading features are the deterministic state (for the block decoder);
+        `dtype`: the compute dtype (predictions are float32)."""
         self.image_keys, self.vector_keys = split_keys(spec, config)
+        self.dtype = dtype
         self.vector_dims = tuple(spec[k][0][0] for k in self.vector_keys)
         self.image_channels = tuple(spec[k][0][2] for k in self.image_keys)
         k1, k2, k3 = jax.random.split(key, 3)
@@ -128,14 +133,15 @@ class Decoder(eqx.Module):
             self.vector_out = Linear(config.units, sum(self.vector_dims), key=k3)
 
     def __call__(self, feat: Float[Array, "... f"]) -> dict[str, Array]:
-        """Predicted image(s) (in [0, 1]) and symlog vectors, by key."""
+        """Predicted image(s) (in [0, 1]) and symlog vectors, by key (float32)."""
         out = {}
+        feat = feat.astype(self.dtype)
         if self.cnn is not None:
-            images = self.cnn(feat)
+            images = self.cnn(feat).astype(jnp.float32)
             for k, part in zip(self.image_keys, jnp.split(images, np.cumsum(self.image_channels)[:-1], -1)):
                 out[k] = part
         if self.mlp is not None:
-            vec = self.vector_out(self.mlp(feat))
+            vec = self.vector_out(self.mlp(feat)).astype(jnp.float32)
             for k, part in zip(self.vector_keys, jnp.split(vec, np.cumsum(self.vector_dims)[:-1], -1)):
                 out[k] = part
         return out
@@ -153,19 +159,22 @@ class Decoder(eqx.Module):
 
 
 class Head(eqx.Module):
-    """MLP -> Linear; `zero_init` makes the first output exactly zero (reward, value)."""
+    """MLP -> Linear; `zero_init` makes the first output exactly zero (reward, value). It computes in
+    `dtype` and outputs float32."""
 
     mlp: MLP
     out: Linear
+    dtype: str = eqx.field(static=True)
 
     def __init__(self, din: int, dout: int, units: int, layers: int, *, key: PRNGKeyArray,
-                 zero_init: bool = False, norm: Norm = "rms"):
+                 zero_init: bool = False, norm: Norm = "rms", dtype: str = "float32"):
         k1, k2 = jax.random.split(key)
+        self.dtype = dtype
         self.mlp = MLP(din, units, layers, key=k1, norm=norm)
         self.out = Linear(units if layers else din, dout, key=k2, outscale=0.0 if zero_init else 1.0)
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... o"]:
-        return self.out(self.mlp(x))
+        return self.out(self.mlp(x.astype(self.dtype))).astype(jnp.float32)
 
 
 class WorldModel(eqx.Module):
@@ -178,16 +187,18 @@ class WorldModel(eqx.Module):
     reward_head: Head
     cont_head: Head
 
-    def __init__(self, config: WorldModelConfig, obs_spec: ObsSpec, action_dim: int, *, key: PRNGKeyArray):
+    def __init__(self, config: WorldModelConfig, obs_spec: ObsSpec, action_dim: int, *, key: PRNGKeyArray,
+                 dtype: str = "float32"):
+        """`dtype`: the compute dtype of the networks (parameters, logits and losses stay float32)."""
         k1, k2, k3, k4, k5 = jax.random.split(key, 5)
         self.config = config
-        self.encoder = Encoder(obs_spec, config, key=k1)
-        self.dynamics = make_sequence_model(config.sequence, self.encoder.out_dim, action_dim, key=k2)
+        self.encoder = Encoder(obs_spec, config, key=k1, dtype=dtype)
+        self.dynamics = make_sequence_model(config.sequence, self.encoder.out_dim, action_dim, key=k2, dtype=dtype)
         feat = self.dynamics.feature_dim
-        self.decoder = Decoder(obs_spec, feat, config, key=k3, deter_dim=self.dynamics.deter_dim)
+        self.decoder = Decoder(obs_spec, feat, config, key=k3, deter_dim=self.dynamics.deter_dim, dtype=dtype)
         self.reward_head = Head(feat, config.bins, config.units, config.head_layers, key=k4, zero_init=True,
-                                norm=config.norm)
-        self.cont_head = Head(feat, 1, config.units, config.head_layers, key=k5, norm=config.norm)
+                                norm=config.norm, dtype=dtype)
+        self.cont_head = Head(feat, 1, config.units, config.head_layers, key=k5, norm=config.norm, dtype=dtype)
 
     def reward(self, feat: Float[Array, "... f"]) -> TwoHot:
         return TwoHot(self.reward_head(feat), symexp_bins(self.config.bins))

@@ -23,8 +23,9 @@ class Conv(eqx.Module):
         self.bias = jnp.zeros((cout,))
 
     def __call__(self, x: Float[Array, "n h w cin"]) -> Float[Array, "n h w cout"]:
-        y = jax.lax.conv_general_dilated(x, self.kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + self.bias
+        y = jax.lax.conv_general_dilated(x, self.kernel.astype(x.dtype), (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + self.bias.astype(x.dtype)
 
 
 def _stages(resolution: int, min_resolution: int) -> int:
@@ -63,9 +64,10 @@ class ConvEncoder(eqx.Module):
         self.resolution = resolution
         self.out_dim = min_resolution * min_resolution * widths[-1]
 
-    def __call__(self, image: UInt8[Array, "... h w c"]) -> Float[Array, "... d"]:
+    def __call__(self, image: UInt8[Array, "... h w c"], dtype: jnp.dtype = jnp.float32) -> Float[Array, "... d"]:
+        """Features in `dtype` (the layers compute in it)."""
         batch = image.shape[:-3]
-        x = image.reshape(-1, *image.shape[-3:]).astype(jnp.float32) / 255.0 - 0.5
+        x = (image.reshape(-1, *image.shape[-3:]).astype(jnp.float32) / 255.0 - 0.5).astype(dtype)
         for conv, norm in zip(self.convs, self.norms):
             x = jax.lax.reduce_window(conv(x), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
             x = jax.nn.silu(norm(x))

@@ -1,4 +1,9 @@
-"""Dense building blocks: Linear + norm + activation, MLPs, block-diagonal linear layers."""
+"""Dense building blocks: Linear + norm + activation, MLPs, block-diagonal linear layers.
+
+Layers compute in their input's dtype: parameters stay float32 and are cast to it when used (so a
+bfloat16 input means bfloat16 matmuls, as DreamerV3 2024 computes), and norms compute their
+statistics in float32.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ class Linear(eqx.Module):
         self.bias = jnp.zeros((dout,))
 
     def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
-        return x @ self.weight + self.bias
+        return x @ self.weight.astype(x.dtype) + self.bias.astype(x.dtype)
 
 
 class Normalize(eqx.Module):
@@ -68,12 +73,15 @@ class Normalize(eqx.Module):
         """Normalise over `axes`; the scale (and offset) reshaped to `param_shape` to broadcast."""
         if self.kind == "none":
             return x
+        dtype, x = x.dtype, x.astype(jnp.float32)
         scale = self.scale.reshape(param_shape)
         if self.kind == "rms":
-            return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axes, keepdims=True) + self.eps) * scale
-        mean = jnp.mean(x, axes, keepdims=True)
-        var = jnp.var(x, axes, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + self.offset.reshape(param_shape)
+            y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axes, keepdims=True) + self.eps) * scale
+        else:
+            mean = jnp.mean(x, axes, keepdims=True)
+            var = jnp.var(x, axes, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + self.offset.reshape(param_shape)
+        return y.astype(dtype)
 
 
 class DenseBlock(eqx.Module):
@@ -137,12 +145,12 @@ class BlockLinear(eqx.Module):
 
     def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
         batch = x.shape[:-1]
-        return self.grouped(x.reshape(*batch, self.blocks, -1)).reshape(*batch, -1) + self.bias
+        return self.grouped(x.reshape(*batch, self.blocks, -1)).reshape(*batch, -1) + self.bias.astype(x.dtype)
 
     def grouped(self, x: Float[Array, "... g i"], rows: slice = slice(None)) -> Float[Array, "... g o"]:
         """Per-group product with `weight[:, rows]`, no bias. Group-major batched matmul: about
         twice as fast on CPU as contracting with the group axis in the middle."""
         batch = x.shape[:-2]
         xg = jnp.moveaxis(x.reshape(-1, *x.shape[-2:]), 1, 0)
-        y = jnp.einsum("gni,gio->gno", xg, self.weight[:, rows])
+        y = jnp.einsum("gni,gio->gno", xg, self.weight[:, rows].astype(x.dtype))
         return jnp.moveaxis(y, 0, 1).reshape(*batch, self.blocks, y.shape[-1])

@@ -19,11 +19,12 @@ class SequenceConfig:
     s3m: S3MConfig = field(default_factory=S3MConfig)
 
 
-def make_sequence_model(config: SequenceConfig, embed_dim: int, action_dim: int, *, key: PRNGKeyArray
-                        ) -> SequenceModel:
-    """Build the sequence model named by `config.model`."""
+def make_sequence_model(config: SequenceConfig, embed_dim: int, action_dim: int, *, key: PRNGKeyArray,
+                        dtype: str = "float32") -> SequenceModel:
+    """Build the sequence model named by `config.model`. The RSSM computes in `dtype`; the S3M always in
+    float32 (its parallel scan sums many terms)."""
     if config.model == "rssm":
-        return RSSM(config.rssm, embed_dim, action_dim, key=key)
+        return RSSM(config.rssm, embed_dim, action_dim, key=key, dtype=dtype)
     if config.model == "s3m":
         return S3M(config.s3m, embed_dim, action_dim, key=key)
     raise ValueError(f"unknown sequence model {config.model!r}; valid: 'rssm', 's3m'")

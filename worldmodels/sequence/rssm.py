@@ -43,10 +43,14 @@ class RSSM(SequenceModel):
 
     Each of (h, z, a) is projected by Linear -> norm -> SiLU, then a GRU whose matrices are
     block-diagonal over `blocks` groups updates h. Initial state: zeros.
+
+    `dtype` is the compute dtype: the layers, deter and stoch use it (DreamerV3 2024 uses bfloat16);
+    logits and distributions are float32.
     """
 
     config: RSSMConfig = eqx.field(static=True)
     action_dim: int = eqx.field(static=True)
+    dtype: str = eqx.field(static=True)
     in_deter: DenseBlock
     in_stoch: DenseBlock
     in_action: DenseBlock
@@ -58,8 +62,10 @@ class RSSM(SequenceModel):
     post_net: MLP
     post_out: Linear
 
-    def __init__(self, config: RSSMConfig, embed_dim: int, action_dim: int, *, key: PRNGKeyArray):
+    def __init__(self, config: RSSMConfig, embed_dim: int, action_dim: int, *, key: PRNGKeyArray,
+                 dtype: str = "float32"):
         c = config
+        self.dtype = dtype
         if c.obs_layers < 1:
             raise ValueError("RSSM obs_layers must be >= 1 (the posterior reads [deter, embed] through an MLP)")
         if c.deter % c.blocks:
@@ -83,22 +89,23 @@ class RSSM(SequenceModel):
 
     # --- pieces -------------------------------------------------------------------------------
     def _dist(self, logits: Array) -> OneHotCategorical:
-        logits = logits.reshape(*logits.shape[:-1], self.config.stoch, self.config.classes)
+        logits = logits.astype(jnp.float32).reshape(*logits.shape[:-1], self.config.stoch, self.config.classes)
         return OneHotCategorical.from_logits(logits, self.config.unimix, event_dims=2)
 
     def _action_input(self, action: Array) -> Array:
         """The GRU's action branch. It does not depend on the recurrent state, so `observe` computes it
         for a whole sequence at once instead of inside the scan."""
-        return self.in_action(scale_action(action))
+        return self.in_action(scale_action(action).astype(self.dtype))
 
     def _embed_input(self, embed: Array) -> Array:
         """The embedding's share of the posterior's first layer (its input is [deter, embed]); like
         `_action_input`, computed for a whole sequence at once by `observe`."""
-        return embed @ self.post_net.blocks[0].linear.weight[self.config.deter:]
+        return embed.astype(self.dtype) @ self.post_net.blocks[0].linear.weight[self.config.deter:].astype(self.dtype)
 
     def _posterior_logits(self, deter: Array, embed_input: Array) -> Array:
         first, *rest = self.post_net.blocks
-        x = deter @ first.linear.weight[:self.config.deter] + embed_input + first.linear.bias
+        weight, bias = first.linear.weight[:self.config.deter].astype(self.dtype), first.linear.bias.astype(self.dtype)
+        x = deter @ weight + embed_input + bias
         x = jax.nn.silu(first.norm(x))
         for block in rest:
             x = block(x)
@@ -116,12 +123,14 @@ class RSSM(SequenceModel):
         # the x rows of all groups form one dense [3 * hidden, deter] matrix, so x is multiplied once
         # instead of being broadcast to every group.
         h = jnp.moveaxis(deter.reshape(-1, g, per_group), 1, 0)
-        w = self.hidden_layer.weight
+        w = self.hidden_layer.weight.astype(self.dtype)
         w_shared = jnp.moveaxis(w[:, per_group:], 0, 1).reshape(x.shape[-1], -1)
         shared = jnp.moveaxis((x @ w_shared).reshape(-1, g, per_group), 1, 0)
-        y = jnp.einsum("gni,gio->gno", h, w[:, :per_group]) + shared + self.hidden_layer.bias.reshape(g, 1, -1)
+        y = (jnp.einsum("gni,gio->gno", h, w[:, :per_group]) + shared
+             + self.hidden_layer.bias.astype(self.dtype).reshape(g, 1, -1))
         y = jax.nn.silu(self.hidden_norm.grouped(y))
-        gates = jnp.einsum("gni,gio->gno", y, self.gates.weight) + self.gates.bias.reshape(g, 1, -1)
+        gates = (jnp.einsum("gni,gio->gno", y, self.gates.weight.astype(self.dtype))
+                 + self.gates.bias.astype(self.dtype).reshape(g, 1, -1))
         reset, cand, update = jnp.split(gates, 3, axis=-1)
         reset = jax.nn.sigmoid(reset)
         cand = jnp.tanh(reset * cand)
@@ -135,13 +144,13 @@ class RSSM(SequenceModel):
     # --- interface ------------------------------------------------------------------------------
     def initial(self, batch_size: int) -> RSSMState:
         c = self.config
-        zeros = jnp.zeros((batch_size, c.stoch, c.classes))
-        return RSSMState(jnp.zeros((batch_size, c.deter)), zeros, zeros)
+        return RSSMState(jnp.zeros((batch_size, c.deter), self.dtype), jnp.zeros((batch_size, c.stoch, c.classes), self.dtype),
+                         jnp.zeros((batch_size, c.stoch, c.classes)))
 
     def img_step(self, state: RSSMState, action: Float[Array, "b a"], key: PRNGKeyArray) -> RSSMState:
         deter = self._gru(state.deter, state.stoch, self._action_input(action))
         logits = self._prior_logits(deter)
-        stoch = OneHotCategorical(logits, 2).sample(key)
+        stoch = OneHotCategorical(logits, 2).sample(key).astype(self.dtype)
         return RSSMState(deter, stoch, logits)
 
     def obs_step(self, state: RSSMState, embed: Float[Array, "b e"], action: Float[Array, "b a"],
@@ -155,7 +164,7 @@ class RSSM(SequenceModel):
         deter = self._gru(state.deter, state.stoch, action_input)
         prior_logits = self._prior_logits(deter)
         post_logits = self._posterior_logits(deter, embed_input)
-        stoch = OneHotCategorical(post_logits, 2).sample(key)
+        stoch = OneHotCategorical(post_logits, 2).sample(key).astype(self.dtype)
         # The prior's sample is never used for training, so it is not drawn; its stoch slot holds
         # the posterior sample to keep both states the same PyTree.
         return RSSMState(deter, stoch, post_logits), RSSMState(deter, stoch, prior_logits)
@@ -194,8 +203,8 @@ class RSSM(SequenceModel):
         return {"deter": state.deter.astype(jnp.float16), "stoch": jnp.argmax(state.stoch, -1).astype(index)}
 
     def from_entry(self, entry: dict[str, Array]) -> RSSMState:
-        stoch = jax.nn.one_hot(entry["stoch"], self.config.classes, dtype=jnp.float32)
-        return RSSMState(entry["deter"].astype(jnp.float32), stoch, jnp.zeros_like(stoch))
+        stoch = jax.nn.one_hot(entry["stoch"], self.config.classes, dtype=self.dtype)
+        return RSSMState(entry["deter"].astype(self.dtype), stoch, jnp.zeros(stoch.shape))
 
     def kl_loss(self, post: RSSMState, prior: RSSMState, free: float) -> tuple[Array, Array]:
         return categorical_kl_loss(post.logits, prior.logits, free)

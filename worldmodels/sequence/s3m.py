@@ -103,7 +103,7 @@ class S3M(SequenceModel):
 
     # --- pieces -------------------------------------------------------------------------------
     def _logits(self, net: MLP, out: Linear, x: Array) -> Array:
-        logits = out(net(x))
+        logits = out(net(x.astype(jnp.float32)))  # float32 whatever the embedding's compute dtype
         logits = logits.reshape(*logits.shape[:-1], self.config.stoch, self.config.classes)
         return OneHotCategorical.from_logits(logits, self.config.unimix, event_dims=2).logits
 
