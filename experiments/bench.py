@@ -5,6 +5,7 @@
     python -m experiments.bench --sweep              # RSSM vs S3M over sequence lengths 64, 256, 1024
     python -m experiments.bench --cases size1m --compile-cache /tmp/wm-cache   # twice: warm start-up
     python -m experiments.bench --cli                # the training CLI's time to its first update
+    python -m experiments.bench --compute-dtype bfloat16   # the networks in bfloat16 (for GPUs and TPUs)
 
 Rows: train step at batch 16 x 64 for size1m and size12m with vector observations and size12m with
 64x64 images (start-up = agent init + first call, i.e. compile; then the median of `--repeats`
@@ -62,8 +63,8 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_train(preset: str, spec, b: int, t: int, repeats: int) -> dict:
-    config = make_config([preset]).agent
+def bench_train(preset: str, spec, b: int, t: int, repeats: int, compute_dtype: str = "float32") -> dict:
+    config = make_config([preset], {"agent.compute_dtype": compute_dtype}).agent
     start = time.perf_counter()
     state = agent_lib.init(config, spec, agent_lib.ActionSpec(6, True), jax.random.PRNGKey(0))
     jax.block_until_ready(state)
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--compile-cache", metavar="DIR", default=None,
                         help="use JAX's persistent compilation cache in DIR (as the training CLI does): run "
                              "twice to measure a warm start-up")
+    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the networks' compute dtype (parameters stay float32)")
     parser.add_argument("--cli", action="store_true",
                         help="only the training CLI's time to its first update, with a cold and a warm compile cache")
     args = parser.parse_args()
@@ -206,13 +209,13 @@ def main() -> None:
         sweep(args.lengths, args.total, args.repeats)
         print(f"peak RSS: {peak_rss_mib():.0f} MiB")
         return
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch} x {args.seq}; float32; "
-          f"{huge_pages()}")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch} x {args.seq}; "
+          f"{args.compute_dtype} compute; {huge_pages()}")
     print(f"{'case':<15}{'params':>12}{'init s':>9}{'compile s':>11}{'start-up s':>12}{'ms/step':>10}")
     first_state = None
     for name in args.cases:
         preset, spec = CASES[name]
-        r = bench_train(preset, spec, args.batch, args.seq, args.repeats)
+        r = bench_train(preset, spec, args.batch, args.seq, args.repeats, args.compute_dtype)
         print(f"{name:<15}{r['params']:>12,}{r['init_s']:>9.2f}{r['compile_s']:>11.2f}"
               f"{r['init_s'] + r['compile_s']:>12.2f}{r['median_ms']:>10.1f}", flush=True)
         if first_state is None:
