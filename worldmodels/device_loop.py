@@ -359,11 +359,12 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
     recent: collections.deque = collections.deque(maxlen=100)  # the last episodes' returns
     ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
     if ckpt.latest_step() is not None:
-        if ckpt.read_meta().get("loop") != "device":
+        saved_meta = ckpt.read_meta()
+        if saved_meta.get("loop") != "device":
             raise ConfigMismatchError(f"{logdir} holds a run of the host loop: resume it without --device-loop, "
                                       "or pass a new --run.logdir.")
         # Checkpoints hold the replay's stored part (older ones the whole ring): the metadata says how much.
-        stored = ckpt.read_meta().get("replay_stored", loop.capacity_per_env)
+        stored = saved_meta.get("replay_stored", loop.capacity_per_env)
         part = lambda x: jax.ShapeDtypeStruct((x.shape[0], stored, *x.shape[2:]), x.dtype, sharding=x.sharding)
         template = carry._replace(replay=carry.replay._replace(data=jax.tree.map(part, carry.replay.data)))
         del carry  # its empty replay would stay in memory next to the restored one

@@ -240,7 +240,9 @@ class ReplayBuffer:
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore exactly from ``state_dict()`` output of a buffer with the same spec,
         capacity and num_envs (data is copied into this buffer's storage). Data arrays
-        holding more than the stored steps, up to the whole ring, are accepted too."""
+        holding more than the stored steps, up to the whole ring, are accepted too. Slots
+        past them are left as they are: nothing reads a slot before it is written, and not
+        touching them keeps a fresh buffer's pages uncommitted."""
         expected = {_DATA + k for k in self._data} | {_WRITTEN}
         if set(state) != expected:
             raise ValueError(
@@ -249,7 +251,8 @@ class ReplayBuffer:
             )
         written = np.asarray(state[_WRITTEN])
         if written.shape != () or not np.issubdtype(written.dtype, np.integer) or int(written) < 0:
-            raise ValueError(f"replay.load_state_dict: '{_WRITTEN}' must be a non-negative integer scalar, got {written!r}")
+            raise ValueError(f"replay.load_state_dict: '{_WRITTEN}' must be a non-negative integer scalar, "
+                             f"got {written!r}")
         stored = min(int(written), self.capacity_per_env)
         for key, array in self._data.items():
             got = np.asarray(state[_DATA + key])
@@ -263,7 +266,6 @@ class ReplayBuffer:
         for key, array in self._data.items():
             got = np.asarray(state[_DATA + key])
             np.copyto(array[:, :got.shape[1]], got)
-            array[:, got.shape[1]:] = 0
         self._written = int(written)
 
 
@@ -310,12 +312,17 @@ def replay_stored(replay: DeviceReplay) -> Int[Array, ""]:
 def replay_stored_part(replay: DeviceReplay, stored: int) -> DeviceReplay:
     """The replay cut to its first `stored` slots per env stream (`[N, stored, *shape]` per key): with
     `stored = int(replay_stored(replay))`, all it holds (the ring fills slots in order), e.g. to
-    checkpoint it without the empty part. `replay_pad` undoes it."""
+    checkpoint it without the empty part. `replay_pad` undoes it. A full replay comes back as it is
+    (slicing would copy it)."""
+    if stored == next(iter(replay.data.values())).shape[1]:
+        return replay
     return DeviceReplay({k: v[:, :stored] for k, v in replay.data.items()}, replay.written)
 
 
 def replay_pad(replay: DeviceReplay, capacity_per_env: int) -> DeviceReplay:
     """A `replay_stored_part` result padded with zeros back to `capacity_per_env` slots per env stream."""
+    if next(iter(replay.data.values())).shape[1] == capacity_per_env:
+        return replay
     data = {}
     for k, v in replay.data.items():
         full = jnp.zeros((v.shape[0], capacity_per_env, *v.shape[2:]), v.dtype, device=v.sharding)

@@ -64,7 +64,7 @@ class ConvEncoder(eqx.Module):
         self.resolution = resolution
         self.out_dim = min_resolution * min_resolution * widths[-1]
 
-    def __call__(self, image: UInt8[Array, "... h w c"], dtype: jnp.dtype = jnp.float32) -> Float[Array, "... d"]:
+    def __call__(self, image: UInt8[Array, "... h w c"], dtype: str = "float32") -> Float[Array, "... d"]:
         """Features in `dtype` (the layers compute in it)."""
         batch = image.shape[:-3]
         x = (image.reshape(-1, *image.shape[-3:]).astype(jnp.float32) / 255.0 - 0.5).astype(dtype)

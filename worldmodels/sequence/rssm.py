@@ -100,7 +100,8 @@ class RSSM(SequenceModel):
     def _embed_input(self, embed: Array) -> Array:
         """The embedding's share of the posterior's first layer (its input is [deter, embed]); like
         `_action_input`, computed for a whole sequence at once by `observe`."""
-        return embed.astype(self.dtype) @ self.post_net.blocks[0].linear.weight[self.config.deter:].astype(self.dtype)
+        weight = self.post_net.blocks[0].linear.weight[self.config.deter:]
+        return embed.astype(self.dtype) @ weight.astype(self.dtype)
 
     def _posterior_logits(self, deter: Array, embed_input: Array) -> Array:
         first, *rest = self.post_net.blocks
@@ -144,8 +145,8 @@ class RSSM(SequenceModel):
     # --- interface ------------------------------------------------------------------------------
     def initial(self, batch_size: int) -> RSSMState:
         c = self.config
-        return RSSMState(jnp.zeros((batch_size, c.deter), self.dtype), jnp.zeros((batch_size, c.stoch, c.classes), self.dtype),
-                         jnp.zeros((batch_size, c.stoch, c.classes)))
+        latent = (batch_size, c.stoch, c.classes)
+        return RSSMState(jnp.zeros((batch_size, c.deter), self.dtype), jnp.zeros(latent, self.dtype), jnp.zeros(latent))
 
     def img_step(self, state: RSSMState, action: Float[Array, "b a"], key: PRNGKeyArray) -> RSSMState:
         deter = self._gru(state.deter, state.stoch, self._action_input(action))
