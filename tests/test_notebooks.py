@@ -27,6 +27,7 @@ def test_world_model_tour_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     for i, source in enumerate([first, *cells[1:]]):
         exec(compile(source, f"world_model_tour.ipynb cell {i}", "exec"), namespace)
+    namespace["plt"].close("all")
     assert namespace["summary"]["env_steps"] == 300 and namespace["summary"]["updates"] > 0
     assert (tmp_path / "runs" / "notebook" / "scores.jsonl").exists()
     T = namespace["T"]
