@@ -79,28 +79,36 @@ def test_run_writes_logs_and_checkpoints(tmp_path):
 
 
 def test_train_step_compiles_once_in_the_background_during_train_start(tmp_path):
-    lowered_in = []  # the thread of every lowering of the train step to XLA (a retrace or recompile adds one)
+    lower, compile_ = "/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration"
+    events = []  # (event, thread) of every lowering and XLA compile of the train step (a retrace adds one)
 
     def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" and kwargs.get("fun_name") == "jit(_train)":
-            lowered_in.append(threading.current_thread().name)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:  # batch shapes no other test uses, so jit's in-memory cache cannot already hold the program
-        summary = loop.run(debug_config(tmp_path, 120, batch_size=3, seq_len=5, train_start=40), cartpole)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        if event in (lower, compile_) and kwargs.get("fun_name") == "jit(_train)":
+            events.append((event, threading.current_thread().name))
+
+    def run(steps):
+        events.clear()
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:  # batch shapes no other test uses, so jit's in-memory cache cannot already hold the program
+            return loop.run(debug_config(tmp_path, steps, batch_size=3, seq_len=5, train_start=40), cartpole)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+
+    def lowered_here_compiled_in_background():
+        return (len(events) == 2 and events[0] == (lower, "MainThread") and events[1][0] == compile_
+                and events[1][1].startswith("compile-train"))
+
+    # A thread-local JAX setting is part of jit's cache key: the loop lowers in the caller's thread, under
+    # it, and only XLA's compile runs in the background.
+    with jax.default_device(jax.devices()[0]):
+        summary = run(120)
     assert summary["updates"] > 1
-    assert len(lowered_in) == 1 and lowered_in[0].startswith("compile-train"), lowered_in
+    assert lowered_here_compiled_in_background(), events
     # Resuming compiles for the restored state and key, which are committed to a device (part of jit's
-    # cache key): the updates then find the program (no lowering outside the compile thread).
-    lowered_in.clear()
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        resumed = loop.run(debug_config(tmp_path, 200, batch_size=3, seq_len=5, train_start=40), cartpole)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    # cache key): the updates then find the program.
+    resumed = run(200)
     assert resumed["updates"] > summary["updates"]
-    assert all(name.startswith("compile-train") for name in lowered_in), lowered_in
+    assert lowered_here_compiled_in_background(), events
 
 
 def test_resuming_with_another_agent_config_is_refused(tmp_path):

@@ -333,17 +333,24 @@ def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
     return _train_program(jax.default_backend())(state, dict(batch), key)
 
 
-def compile_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStruct],
-                  key: PRNGKeyArray | jax.ShapeDtypeStruct) -> None:
-    """Compile the train step now, so that the first `train` call on arguments of these shapes and
-    dtypes only runs it (jit's cache then holds this program).
+def lower_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStruct],
+                key: PRNGKeyArray | jax.ShapeDtypeStruct) -> jax.stages.Lowered:
+    """Trace and lower the train step for arguments of these shapes and dtypes; `.compile()` on the
+    result then fills jit's cache, so that the first `train` call on such arguments only runs it.
 
     The arguments may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. the state from
-    `jax.eval_shape(functools.partial(init, config, obs_spec, action_spec), key)`). It may run in
-    another thread: the training loop overlaps it with the first environment steps. Nothing is donated
-    or run.
+    `jax.eval_shape(functools.partial(init, config, obs_spec, action_spec), key)`). Lower in the thread
+    that will call `train`, since thread-local JAX settings (e.g. `jax.default_device`) are part of
+    jit's cache key; the compile may run in another thread (the training loop overlaps it with the
+    first environment steps). Nothing is donated or run.
     """
-    _train_program(jax.default_backend()).trace(state, dict(batch), key).lower().compile()
+    return _train_program(jax.default_backend()).trace(state, dict(batch), key).lower()
+
+
+def compile_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStruct],
+                  key: PRNGKeyArray | jax.ShapeDtypeStruct) -> None:
+    """`lower_train` and compile, in this thread."""
+    lower_train(state, batch, key).compile()
 
 
 def copy_state(state: AgentState) -> AgentState:

@@ -228,14 +228,15 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     (logdir / "config.json").write_text(dumps(config))
 
     # The train step compiles in a thread while the envs take their first steps (train_start): XLA's
-    # compile releases the GIL, so the envs and the policy mostly run on the other core meanwhile. It
-    # compiles for the restored state and key when resuming (restored arrays are committed to a device,
-    # and that is part of jit's cache key).
+    # compile releases the GIL, so the envs and the policy mostly run on the other core meanwhile. It is
+    # traced and lowered here, under the caller's thread-local JAX settings (e.g. jax.default_device),
+    # and for the restored state and key when resuming (restored arrays are committed to a device): both
+    # are part of jit's cache key.
     background = ThreadPoolExecutor(1, thread_name_prefix="compile-train")
     batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, rc.window, *shape), dtype)
                     for k, (shape, dtype) in replay.spec.items()}
     if rc.train_ratio > 0 and rc.steps > max(rc.train_start, counters["env_steps"]):
-        train_compiled = background.submit(agent_lib.compile_train, state, batch_shapes, key)
+        train_compiled = background.submit(agent_lib.lower_train(state, batch_shapes, key).compile)
     else:  # no updates to come
         train_compiled = Future()
         train_compiled.set_result(None)
