@@ -21,7 +21,7 @@ class RunConfig:
     env: str = "gym:CartPole-v1"  # envs.make name: gym:<id>, bsuite/<id>, ...
     num_envs: int = 1
     parallel_envs: bool = False  # envs in subprocesses (the CLI uses envs.parallel: crashed ones restart)
-    steps: int = 12_000  # environment steps (summed over envs)
+    steps: int = 12_000  # environment steps, summed over envs (the host loop rounds up to a multiple of num_envs)
     train_ratio: float = 64.0  # replayed steps per environment step (see loop.py)
     batch_size: int = 16
     seq_len: int = 64
