@@ -235,10 +235,13 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     background = ThreadPoolExecutor(1, thread_name_prefix="compile-train")
     batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, rc.window, *shape), dtype)
                     for k, (shape, dtype) in replay.spec.items()}
+    train_compiled = Future()
     if rc.train_ratio > 0 and rc.steps > max(rc.train_start, counters["env_steps"]):
-        train_compiled = background.submit(agent_lib.lower_train(state, batch_shapes, key).compile)
+        try:
+            train_compiled = background.submit(agent_lib.lower_train(state, batch_shapes, key).compile)
+        except Exception as e:  # raised at the first update, as a compile error is, so the clean-up below runs
+            train_compiled.set_exception(e)
     else:  # no updates to come
-        train_compiled = Future()
         train_compiled.set_result(None)
 
     if not pending:
