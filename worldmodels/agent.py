@@ -347,12 +347,6 @@ def lower_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStr
     return _train_program(jax.default_backend()).trace(state, dict(batch), key).lower()
 
 
-def compile_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStruct],
-                  key: PRNGKeyArray | jax.ShapeDtypeStruct) -> None:
-    """`lower_train` and compile, in this thread."""
-    lower_train(state, batch, key).compile()
-
-
 def copy_state(state: AgentState) -> AgentState:
     """A copy with fresh buffers (the train step donates its input; keep this to compare against)."""
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, state)

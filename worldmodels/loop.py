@@ -270,7 +270,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         replay_state = {**replay.state_dict(), **{f"pending/{k}": v for k, v in pending.items()},
                         "loop/episode_return": episode_return, "loop/episode_length": episode_length}
         meta = {"counters": counters, "rng": rng.bit_generator.state, "recent_returns": list(recent),
-                "replay_stored": len(replay) // replay.num_envs,
+                "replay_stored": replay.stored_per_env,
                 "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in pending.items()},
                 "config": to_dict(config)}
         ckpt.save(counters["env_steps"], {"agent": state, "carry": carry, "key": key}, replay_state, meta,

@@ -100,16 +100,18 @@ class ReplayBuffer:
             f"{_human_bytes(self.nbytes)}"
         )
 
-    def _stored_per_env(self) -> int:
+    @property
+    def stored_per_env(self) -> int:
+        """Steps currently stored in each env stream (``len(self) // num_envs``)."""
         return min(self._written, self.capacity_per_env)
 
     def __len__(self) -> int:
         """Steps currently stored, summed over env streams (<= ``capacity``)."""
-        return self.num_envs * self._stored_per_env()
+        return self.num_envs * self.stored_per_env
 
     def can_sample(self, seq_len: int) -> bool:
         """Whether at least one window of ``seq_len`` consecutive stored steps exists."""
-        return 1 <= seq_len <= self._stored_per_env()
+        return 1 <= seq_len <= self.stored_per_env
 
     # ----------------------------------------------------------------- write
 
@@ -164,7 +166,7 @@ class ReplayBuffer:
         """
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"replay.sample: batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
-        stored = self._stored_per_env()
+        stored = self.stored_per_env
         if not self.can_sample(seq_len):
             raise ValueError(
                 f"replay.sample: not enough data for seq_len={seq_len}: {stored} steps stored "
@@ -193,7 +195,7 @@ class ReplayBuffer:
           how many steps were written (per key).
         """
         steps = windows.first_step[:, None] + offset + np.arange(next(iter(values.values())).shape[1])
-        keep = steps >= self._written - self._stored_per_env()  # still stored
+        keep = steps >= self._written - self.stored_per_env  # still stored
         env = np.broadcast_to(windows.env[:, None], steps.shape)[keep]
         slots = steps[keep] % self.capacity_per_env
         for key, value in values.items():
@@ -217,7 +219,7 @@ class ReplayBuffer:
         in RAM; save them before the next ``add``. ``state_template`` gives their shapes for a
         restore.
         """
-        stored = self._stored_per_env()
+        stored = self.stored_per_env
         state: dict[str, np.ndarray] = {}
         for key, array in self._data.items():
             view = array[:, :stored]
