@@ -1,13 +1,16 @@
 import os
 import pickle
+import tracemalloc
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
+import worldmodels.checkpoint as checkpoint_lib
 from worldmodels.checkpoint import CheckpointMismatchError, Checkpointer
 
 
@@ -158,7 +161,7 @@ def test_replay_not_requested_or_not_saved(tmp_path):
         assert replay is None and meta == {"a": 2}
 
 
-def test_async_save_copies_inputs(tmp_path):
+def test_caller_may_modify_its_inputs_once_save_returns(tmp_path):
     agent = make_agent(0)
     replay = make_replay(0)
     expected = {k: v.copy() for k, v in replay.items()}
@@ -259,3 +262,64 @@ def test_dict_state_zero_size_and_abstract_template(tmp_path):
         abstract = {**abstract, "python_int": 7}
         got2, _, _, _ = ck.restore(abstract, None)
         assert_trees_bit_equal(got2, state)
+
+
+def test_replay_is_saved_without_a_copy(tmp_path):
+    """A replay can fill most of the memory: saving it must not copy it (orbax's default deep-copies
+    host arrays), and it is written uncompressed."""
+    replay = {"image": np.random.default_rng(0).integers(0, 256, (2, 512, 64, 64, 3), dtype=np.uint8)}
+    size = replay["image"].nbytes  # 12 MiB
+    with Checkpointer(tmp_path) as ck:
+        tracemalloc.start()  # numpy reports its buffers to tracemalloc
+        try:
+            ck.save(1, make_agent(0), replay, {})
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < size / 4, f"saving a {size}-byte replay allocated {peak} bytes"
+        _, got, _, _ = ck.restore(make_agent(1), replay_template_like(replay))
+    assert np.array_equal(got["image"], replay["image"])
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "1" / "replay").rglob("*") if f.is_file())
+    zeros = {"image": np.zeros_like(replay["image"])}
+    with Checkpointer(tmp_path / "zeros") as ck:
+        ck.save(1, make_agent(0), zeros, {})
+    zeros_on_disk = sum(f.stat().st_size for f in (tmp_path / "zeros" / "1" / "replay").rglob("*") if f.is_file())
+    assert zeros_on_disk >= size and on_disk >= size  # not compressed
+
+
+def test_compressed_replay_of_older_checkpoints_restores(tmp_path, monkeypatch):
+    """Checkpoints written before the replay was saved uncompressed (orbax's default handler) restore."""
+    replay = make_replay(0)
+    monkeypatch.setattr(checkpoint_lib, "_replay_handler", ocp.PyTreeCheckpointHandler)
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, make_agent(0), replay, {})
+    zeros = {"image": np.zeros((2, 64, 64, 64, 3), np.uint8)}
+    with Checkpointer(tmp_path / "compressed") as ck:
+        ck.save(1, make_agent(0), zeros, {})
+    monkeypatch.undo()
+    compressed = sum(f.stat().st_size for f in (tmp_path / "compressed" / "1" / "replay").rglob("*") if f.is_file())
+    assert compressed < zeros["image"].nbytes / 10  # the old handler did compress
+    with Checkpointer(tmp_path) as ck:
+        agent, got, _, _ = ck.restore(make_agent(1), replay_template_like(replay))
+    assert_trees_bit_equal(agent, make_agent(0))
+    assert_trees_bit_equal(got, replay)
+
+
+def test_strided_replay_is_saved_row_by_row_and_restores_whole(tmp_path):
+    """The stored part of a ring, `[num_envs, stored, ...]`, is strided: tensorstore would copy it whole,
+    so each env's row (contiguous) is written on its own; restore and `array_specs` give it whole."""
+    ring = np.random.default_rng(0).integers(0, 256, (3, 10, 4), dtype=np.uint8)
+    replay = {"data/x": ring[:, :6], "counter": np.array(6, np.int64), "data/full": ring.astype(np.float32)}
+    assert not replay["data/x"].flags.c_contiguous
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, make_agent(0), replay, {})
+        saved = set(ck._manager.item_metadata(1)["replay"].tree)
+        assert saved == {"data/x@0", "data/x@1", "data/x@2", "counter", "data/full"}
+        assert ck.array_specs()["replay"] == {("data/x",): ((3, 6, 4), "uint8"), ("counter",): ((), "int64"),
+                                              ("data/full",): ((3, 10, 4), "float32")}
+        _, got, _, _ = ck.restore(make_agent(1), replay_template_like(replay))
+        assert_trees_bit_equal(got, {k: np.array(v) for k, v in replay.items()})
+        with pytest.raises(CheckpointMismatchError, match=r"data/x: saved \(3, 6, 4\) uint8 vs expected \(3, 7, 4\)"):
+            ck.restore(make_agent(1), {**replay_template_like(replay), "data/x": np.zeros((3, 7, 4), np.uint8)})
+        with pytest.raises(ValueError, match="clashes"):
+            ck.save(2, make_agent(0), {"a": ring[:, :6], "a@1": np.zeros(2)}, {})
