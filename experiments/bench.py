@@ -6,6 +6,7 @@
     python -m experiments.bench --cases size1m --compile-cache /tmp/wm-cache   # twice: warm start-up
     python -m experiments.bench --cli                # the training CLI's time to its first update
     python -m experiments.bench --compute-dtype bfloat16   # the networks in bfloat16 (for GPUs and TPUs)
+    python -m experiments.bench --checkpoint 1       # save + restore of a replay holding 1 GiB of images
 
 Rows: train step at batch 16 x 64 for size1m and size12m with vector observations and size12m with
 64x64 images (start-up = agent init + first call, i.e. compile; then the median of `--repeats`
@@ -180,6 +181,76 @@ def cli_start_up() -> None:
                   f"({summary['updates']} updates); whole process {wall:.2f} s", flush=True)
 
 
+def rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+
+
+class PeakRSS:
+    """The process's peak resident memory over a `with` block, sampled every 2 ms (GiB)."""
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+
+        self.peak, self._done = rss_gib(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.002):
+            self.peak = max(self.peak, rss_gib())
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_gib())
+
+
+def checkpoint_bench(gib: float) -> None:
+    """A checkpoint of an image replay (64x64x3 frames, 4 envs) holding `gib` GiB of images in a ring
+    twice that size: the time `Checkpointer.save` takes and the memory it needs on top of the replay's,
+    then the same for restoring it into a fresh buffer, as a resumed run does."""
+    import tempfile
+
+    from worldmodels.checkpoint import Checkpointer
+    from worldmodels.replay import ReplayBuffer
+
+    num_envs, frame = 4, (64, 64, 3)
+    spec = {"image": (frame, np.uint8), "reward": ((), np.float32), "is_first": ((), bool),
+            "action": ((6,), np.float32)}
+    stored = max(1, int(gib * 2**30 / (num_envs * np.prod(frame))))
+    frames = np.random.default_rng(0).integers(0, 256, (64, num_envs, *frame), dtype=np.uint8)
+    replay = ReplayBuffer(spec, 2 * stored * num_envs, num_envs)
+    for t in range(stored):
+        replay.add({"image": frames[t % 64], "reward": np.full(num_envs, t, np.float32),
+                    "is_first": np.zeros(num_envs, bool), "action": np.ones((num_envs, 6), np.float32)})
+    print(f"{replay.describe()}, holding {stored} steps per env ({gib:g} GiB of images)")
+    with tempfile.TemporaryDirectory() as tmp, Checkpointer(tmp) as ckpt:
+        before = rss_gib()
+        with PeakRSS() as peak:
+            start = time.perf_counter()
+            ckpt.save(1, {"step": np.zeros(())}, replay.state_dict(), {"stored": stored})
+            returned = time.perf_counter() - start
+            ckpt.wait()
+            written = time.perf_counter() - start
+        print(f"save: returned after {returned:.2f} s, written after {written:.2f} s; "
+              f"peak RSS {peak.peak:.2f} GiB, {peak.peak - before:+.2f} GiB over the {before:.2f} GiB before")
+        expected = replay.state_dict()["data/reward"].copy()
+        del replay
+        fresh = ReplayBuffer(spec, 2 * stored * num_envs, num_envs)
+        with PeakRSS() as peak:
+            start = time.perf_counter()
+            _, state, _, _ = ckpt.restore({"step": np.zeros(())}, fresh.state_template(stored))
+            fresh.load_state_dict(state)
+            elapsed = time.perf_counter() - start
+        del state
+        exact = np.array_equal(fresh.state_dict()["data/reward"], expected)
+        after = rss_gib()
+        print(f"restore into a fresh buffer: {elapsed:.2f} s; peak RSS {peak.peak:.2f} GiB, "
+              f"{peak.peak - after:+.2f} GiB over the {after:.2f} GiB held after it; restored exactly: {exact}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -196,7 +267,12 @@ def main() -> None:
                         help="the networks' compute dtype (parameters stay float32)")
     parser.add_argument("--cli", action="store_true",
                         help="only the training CLI's time to its first update, with a cold and a warm compile cache")
+    parser.add_argument("--checkpoint", type=float, metavar="GIB", default=None,
+                        help="only a checkpoint's save and restore of a replay holding GIB GiB of images")
     args = parser.parse_args()
+    if args.checkpoint is not None:
+        checkpoint_bench(args.checkpoint)
+        return
     if args.cli:
         cli_start_up()
         return

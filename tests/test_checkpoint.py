@@ -12,6 +12,7 @@ import pytest
 
 import worldmodels.checkpoint as checkpoint_lib
 from worldmodels.checkpoint import CheckpointMismatchError, Checkpointer
+from worldmodels.replay import ReplayBuffer
 
 
 class Agent(eqx.Module):
@@ -305,21 +306,41 @@ def test_compressed_replay_of_older_checkpoints_restores(tmp_path, monkeypatch):
     assert_trees_bit_equal(got, replay)
 
 
-def test_strided_replay_is_saved_row_by_row_and_restores_whole(tmp_path):
-    """The stored part of a ring, `[num_envs, stored, ...]`, is strided: tensorstore would copy it whole,
-    so each env's row (contiguous) is written on its own; restore and `array_specs` give it whole."""
-    ring = np.random.default_rng(0).integers(0, 256, (3, 10, 4), dtype=np.uint8)
-    replay = {"data/x": ring[:, :6], "counter": np.array(6, np.int64), "data/full": ring.astype(np.float32)}
-    assert not replay["data/x"].flags.c_contiguous
+def test_replay_is_cut_into_pieces_and_read_back_in_place(tmp_path, monkeypatch):
+    """tensorstore copies a strided array whole when writing it and reads an array whole, so the stored
+    part of a ring (`[num_envs, stored, ...]`, strided) and any big array are written as pieces (a row's
+    run of steps). A writeable template is filled in place, a bounded group of pieces at a time."""
+    monkeypatch.setattr(checkpoint_lib, "_PIECE_BYTES", 100)
+    rng = np.random.default_rng(0)
+    ring = rng.integers(0, 256, (3, 10, 4), dtype=np.uint8)
+    replay = {"data/x": ring[:, :6], "counter": np.array(6, np.int64),
+              "data/big": rng.standard_normal((1, 20, 2)).astype(np.float32), "small": np.arange(4.0)}
     with Checkpointer(tmp_path) as ck:
         ck.save(1, make_agent(0), replay, {})
         saved = set(ck._manager.item_metadata(1)["replay"].tree)
-        assert saved == {"data/x@0", "data/x@1", "data/x@2", "counter", "data/full"}
+        # 100 bytes: 25 steps of x (4 bytes each), so a piece per row; 12 steps of big (8 bytes each).
+        assert saved == {"data/x@0@0", "data/x@1@0", "data/x@2@0", "data/big@0@0", "data/big@0@12", "counter", "small"}
         assert ck.array_specs()["replay"] == {("data/x",): ((3, 6, 4), "uint8"), ("counter",): ((), "int64"),
-                                              ("data/full",): ((3, 10, 4), "float32")}
-        _, got, _, _ = ck.restore(make_agent(1), replay_template_like(replay))
+                                              ("data/big",): ((1, 20, 2), "float32"), ("small",): ((4,), "float64")}
+        reads = []
+        restore = ck._manager.restore
+
+        def counting_restore(step, args):
+            if "replay" in args:
+                reads.append(sum(x.nbytes for x in args["replay"].item.values()))
+            return restore(step, args=args)
+
+        monkeypatch.setattr(ck._manager, "restore", counting_restore)
+        into = ReplayBuffer({"x": ((4,), np.uint8)}, 30, 3)
+        template = {**replay_template_like(replay), "data/x": into.state_template(6)["data/x"]}
+        _, got, _, _ = ck.restore(make_agent(1), template)
         assert_trees_bit_equal(got, {k: np.array(v) for k, v in replay.items()})
+        assert got["data/x"] is template["data/x"]
+        into.load_state_dict({"data/x": got["data/x"], "counter/written": np.array(6)})  # already in place
+        assert np.shares_memory(got["data/x"], into.state_dict()["data/x"])
+        np.testing.assert_array_equal(into.state_dict()["data/x"], replay["data/x"])
+        assert len(reads) > 2 and max(reads) < 200  # the whole arrays, then groups of pieces
         with pytest.raises(CheckpointMismatchError, match=r"data/x: saved \(3, 6, 4\) uint8 vs expected \(3, 7, 4\)"):
             ck.restore(make_agent(1), {**replay_template_like(replay), "data/x": np.zeros((3, 7, 4), np.uint8)})
         with pytest.raises(ValueError, match="clashes"):
-            ck.save(2, make_agent(0), {"a": ring[:, :6], "a@1": np.zeros(2)}, {})
+            ck.save(2, make_agent(0), {"a": ring[:, :6], "a@1@0": np.zeros(2)}, {})

@@ -10,7 +10,8 @@ four items:
 ``replay``
     The replay buffer, a flat ``dict[str, np.ndarray]`` (``PyTreeSave``,
     uncompressed; restored as numpy arrays with the saved dtypes, int64
-    included).
+    included).  Big or strided arrays are written as pieces of at most 64 MiB
+    (see ``_cut_replay``).
 ``blobs``
     Named raw bytes, stored as uint8 arrays under the keys ``b0``, ``b1``, ...
 ``meta``
@@ -26,8 +27,10 @@ The agent state and blobs are saved asynchronously: orbax copies them to host
 memory and writes the files in a background thread.  The replay, which can be
 the biggest thing in the process, is written straight from the caller's arrays
 and uncompressed, so saving needs no second copy of it; :meth:`Checkpointer.save`
-returns once it is written (a 1.15 GiB image replay: 0.7-2.4 s and no extra
-memory, where orbax's copy + compression took 4-5.6 s and 2.3 GiB more at peak).
+returns once it is written.  A restore can likewise fill the replay buffer's own
+memory in place.  (``python -m experiments.bench --checkpoint 1.15``: 1.15 GiB of
+stored images save with +0.01 GiB of memory and restore with +0.05 GiB, where
+orbax's copy and compression needed +2.3 GiB.)
 orbax writes each step into ``<N>.orbax-checkpoint-tmp-*`` and renames it to ``<N>``
 only when complete, so a crash mid-save leaves no step directory behind;
 :meth:`Checkpointer.latest_step` only reports finalised steps.
@@ -80,32 +83,51 @@ def _replay_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
 
 
-def _contiguous_rows(replay_state: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The replay's arrays as they can be written without a copy.
+# A big replay array is written and read in pieces of at most this many bytes.
+_PIECE_BYTES = 64 << 20
 
-    tensorstore writes a C-contiguous array from its memory but copies a strided one whole, so an
-    array that is not contiguous while its rows are (``[num_envs, stored, ...]``, the first
-    ``stored`` steps of each env's ring) is written as one array per row, named ``"<key>@<row>"``.
-    Returns the arrays to write and ``{key: rows}`` of those split.
+
+def _piece_name(key: str, row: int, first: int) -> str:
+    return f"{key}@{row}@{first}"
+
+
+def _pieces(shape: tuple[int, ...], steps_per_piece: int):
+    """``(row, first, stop)`` of each piece of an array ``[rows, steps, ...]`` cut by rows and runs of steps."""
+    return [(row, first, min(first + steps_per_piece, shape[1]))
+            for row in range(shape[0]) for first in range(0, shape[1], steps_per_piece)]
+
+
+def _cut_replay(replay_state: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """The replay's arrays as orbax can write them from the caller's memory and read them back a
+    bounded piece at a time.
+
+    tensorstore writes a C-contiguous array without copying it but copies a strided one whole, and
+    reads an array whole. So an array ``[rows, steps, ...]`` whose rows are contiguous (as the stored
+    part of a ring, ``[num_envs, stored, ...]``, is), if it is strided or bigger than
+    ``_PIECE_BYTES``, is cut into rows and runs of steps of at most that size, named
+    ``"<key>@<row>@<first step>"``. Returns the arrays to write and ``{key: [shape, dtype, steps per
+    piece]}`` of those cut.
     """
-    arrays, split = {}, {}
+    arrays, cut = {}, {}
 
     def put(name: str, value: np.ndarray) -> None:
         if name in arrays:
-            raise ValueError(f"replay_state key {name!r} clashes with the rows of a split array; rename it")
+            raise ValueError(f"replay_state key {name!r} clashes with a piece of a cut array; rename it")
         arrays[name] = value
 
     for k, v in replay_state.items():
         if not isinstance(k, str):
             raise TypeError(f"replay_state key {k!r} is not a str")
         v = np.asarray(v)
-        if v.ndim and v.size and not v.flags.c_contiguous and all(row.flags.c_contiguous for row in v):
-            split[k] = len(v)
-            for i, row in enumerate(v):
-                put(f"{k}@{i}", row)
+        big_or_strided = v.nbytes > _PIECE_BYTES or not v.flags.c_contiguous
+        if v.ndim >= 2 and v.size and big_or_strided and v[0].flags.c_contiguous:
+            steps = max(1, _PIECE_BYTES // (v[0, 0].nbytes or 1))
+            cut[k] = [list(v.shape), _dtype_str(v.dtype), steps]
+            for row, first, stop in _pieces(v.shape, steps):
+                put(_piece_name(k, row, first), v[row, first:stop])
         else:
             put(k, v)
-    return arrays, split
+    return arrays, cut
 
 
 class CheckpointMismatchError(ValueError):
@@ -359,7 +381,7 @@ class Checkpointer:
         trees["agent"] = arrays
 
         if replay_state is not None:
-            trees["replay"], info["replay_split"] = _contiguous_rows(replay_state)
+            trees["replay"], info["replay_cut"] = _cut_replay(replay_state)
 
         blob_arrays = {}
         for i, (name, data) in enumerate((blobs or {}).items()):
@@ -442,10 +464,18 @@ class Checkpointer:
                         f"metadata of item {name!r} is missing or unreadable."
                     )
                 specs[name].update(_flat_specs(getattr(md, "tree", md)))
-        for key, rows in info.get("replay_split", {}).items():  # report split arrays whole
-            pieces = [specs["replay"].pop((f"{key}@{i}",), None) for i in range(rows)]
-            if pieces[0] is not None and all(p == pieces[0] for p in pieces):
-                specs["replay"][(key,)] = ((rows, *pieces[0][0]), pieces[0][1])
+        for key, (shape, dtype, steps) in info.get("replay_cut", {}).items():  # report cut arrays whole
+            missing = []
+            for row, first, stop in _pieces(tuple(shape), steps):
+                piece = specs["replay"].pop((_piece_name(key, row, first),), None)
+                if piece != ((stop - first, *shape[2:]), dtype):
+                    missing.append(_piece_name(key, row, first))
+            if missing:
+                raise CheckpointMismatchError(
+                    f"Checkpoint step {step} in {self.directory}: replay array {key!r} is missing "
+                    f"pieces or holds other shapes ({', '.join(missing[:_MAX_LISTED])}); it is damaged."
+                )
+            specs["replay"][(key,)] = (tuple(shape), dtype)
         return specs
 
     def restore(
@@ -461,7 +491,10 @@ class Checkpointer:
         leaves may also be ``jax.ShapeDtypeStruct``).  ``replay_template`` gives
         the replay keys, shapes and dtypes (numpy arrays or anything with
         ``.shape``/``.dtype``); pass None to skip restoring the replay, which is
-        then returned as None (as it is when the checkpoint holds none).
+        then returned as None (as it is when the checkpoint holds none).  A
+        writeable numpy array in ``replay_template`` is filled in place and
+        returned (e.g. views of the replay buffer's storage: a big replay is then
+        never held twice; it is read in groups of pieces of about 64 MiB).
 
         Raises:
             FileNotFoundError: there is no (such) finalised checkpoint.
@@ -509,17 +542,11 @@ class Checkpointer:
                 replay_specs[(str(k),)] = _spec(v)
             self._check_match(step, "replay state", specs["replay"], replay_specs)
             replay_zero = zero_size.get("replay", {})
-            split = info.get("replay_split", {})
-            target = {}
-            for (k,), (shape, dtype) in replay_specs.items():
-                if k in split:
-                    target.update({f"{k}@{i}": np.empty(shape[1:], dtype) for i in range(split[k])})
-                else:  # zero-size arrays were saved as None: keep them None in the target
-                    target[k] = None if (k,) in replay_zero else np.empty(shape, dtype)
-            if "replay" in saved_items:
-                args["replay"] = ocp.args.PyTreeRestore(
-                    target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
-                )
+            cut = info.get("replay_cut", {})
+            whole = {k: np.empty(shape, dtype) for (k,), (shape, dtype) in replay_specs.items()
+                     if k not in cut and (k,) not in replay_zero}  # zero-size arrays were not written
+            if "replay" in saved_items and whole:
+                args["replay"] = _partial_restore(whole)
 
         # blobs
         if "blobs" in saved_items:
@@ -557,15 +584,12 @@ class Checkpointer:
             replay_out = {}
             for k, v in replay_template.items():
                 shape, dtype = _spec(v)
-                if (str(k),) in zero_size.get("replay", {}):
-                    replay_out[k] = np.zeros(shape, dtype)
-                elif str(k) in split:
-                    # Row by row, dropping each row once copied: the replay is not held twice.
-                    replay_out[k] = np.empty(shape, dtype)
-                    for i in range(split[str(k)]):
-                        replay_out[k][i] = got.pop(f"{k}@{i}")
-                else:
-                    replay_out[k] = np.asarray(got[str(k)], dtype=dtype).reshape(shape)
+                fill = isinstance(v, np.ndarray) and v.flags.writeable and v.size
+                out = v if fill else np.zeros(shape, dtype)
+                if str(k) in got:
+                    np.copyto(out, np.asarray(got.pop(str(k))).reshape(shape))
+                replay_out[k] = out
+            self._restore_pieces(step, {str(k): replay_out[k] for k in replay_template if str(k) in cut}, cut)
 
         blobs_out = {}
         got_blobs = restored["blobs"] if "blobs" in args else {}
@@ -579,6 +603,28 @@ class Checkpointer:
             blobs_out[name] = data
 
         return agent_state, replay_out, document["user"], blobs_out
+
+    def _restore_pieces(self, step: int, out: dict[str, np.ndarray], cut: dict[str, list]) -> None:
+        """Reads the cut replay arrays into ``out`` in groups of pieces of about ``_PIECE_BYTES``."""
+        group, group_bytes = {}, 0
+
+        def read() -> None:
+            nonlocal group, group_bytes
+            targets = {name: np.empty(dest.shape, dest.dtype) for name, dest in group.items()}
+            got = self._manager.restore(step, args=ocp.args.Composite(replay=_partial_restore(targets)))["replay"]
+            for name, dest in group.items():
+                np.copyto(dest, got.pop(name))
+            group, group_bytes = {}, 0
+
+        for key, dest in out.items():
+            shape, _, steps = cut[key]
+            for row, first, stop in _pieces(tuple(shape), steps):
+                group[_piece_name(key, row, first)] = dest[row, first:stop]
+                group_bytes += dest[row, first:stop].nbytes
+                if group_bytes >= _PIECE_BYTES:
+                    read()
+        if group:
+            read()
 
     def _check_match(self, step: int, what: str, saved: dict, expected: dict) -> None:
         problems = []
@@ -610,6 +656,13 @@ class Checkpointer:
                 + "\n"
                 + _FIX_HINT
             )
+
+
+def _partial_restore(target: dict[str, np.ndarray]) -> ocp.args.PyTreeRestore:
+    """Reads the replay arrays named in ``target`` (with its shapes and dtypes), and no others."""
+    return ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+    )
 
 
 def _fill_none(restored: Any, like: Any) -> Any:

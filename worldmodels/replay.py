@@ -228,15 +228,16 @@ class ReplayBuffer:
         state[_WRITTEN] = np.array(self._written, np.int64)
         return state
 
-    def state_template(self, stored_per_env: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """Shapes and dtypes of ``state_dict()`` for a buffer like this one holding
-        ``stored_per_env`` steps per env stream (the restore target of a checkpoint)."""
+    def state_template(self, stored_per_env: int) -> dict[str, np.ndarray]:
+        """The restore target of a checkpoint of a buffer like this one holding ``stored_per_env``
+        steps per env stream: ``state_dict()``'s keys, shapes and dtypes, as writeable views of this
+        buffer's first slots (``Checkpointer.restore`` fills them in place, so a big replay is not
+        held twice) and a fresh counter. Pass what the restore returns to ``load_state_dict``."""
         if not 0 <= stored_per_env <= self.capacity_per_env:
             raise ValueError(f"replay.state_template: stored_per_env must be in [0, {self.capacity_per_env}], "
                              f"got {stored_per_env}")
-        template = {_DATA + k: jax.ShapeDtypeStruct((self.num_envs, stored_per_env, *shape), dtype)
-                    for k, (shape, dtype) in self.spec.items()}
-        template[_WRITTEN] = jax.ShapeDtypeStruct((), np.int64)
+        template = {_DATA + k: array[:, :stored_per_env] for k, array in self._data.items()}
+        template[_WRITTEN] = np.zeros((), np.int64)
         return template
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
@@ -267,7 +268,8 @@ class ReplayBuffer:
                 )
         for key, array in self._data.items():
             got = np.asarray(state[_DATA + key])
-            np.copyto(array[:, :got.shape[1]], got)
+            if got.ctypes.data != array.ctypes.data or got.strides != array.strides:  # else restored in place
+                np.copyto(array[:, :got.shape[1]], got)
         self._written = int(written)
 
 
