@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from worldmodels.actor_critic import (Actor, ActorCriticConfig, Critic, ReturnNormState, lambda_return,
                                       return_norm_init, return_norm_scale, return_norm_update)
 from worldmodels.dists import TwoHot, sg
-from worldmodels.optim import OptimConfig, make_optimizer
+from worldmodels.optim import OptimConfig, decay_mask, make_optimizer
 from worldmodels.sequence.base import SequenceModel, State
 from worldmodels.world_model import ObsSpec, WorldModel, WorldModelConfig
 
@@ -100,7 +100,7 @@ def _init(config: AgentConfig, spec: tuple, action_spec: ActionSpec, key: PRNGKe
     actor = Actor(pdim, action_spec.dim, action_spec.discrete, config.actor_critic, key=k2, dtype=dtype)
     critic = Critic(pdim, config.actor_critic, key=k3, dtype=dtype)
     params = (wm, actor, critic)
-    opt_state = make_optimizer(config.optim).init(eqx.filter(params, eqx.is_array))
+    opt_state = _optimizer(config.optim).init(eqx.filter(params, eqx.is_array))
     # The slow critic starts as a copy; jit outputs are distinct buffers, as the donating train step needs.
     return AgentState(config, spec, action_spec, wm, actor, critic, critic, opt_state, return_norm_init(),
                       jnp.zeros((), jnp.int32))
@@ -292,7 +292,7 @@ def _replay_value_loss(wm: WorldModel, critic: Critic, state: AgentState, batch:
 def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
            ) -> tuple[AgentState, dict[str, Array], dict[str, Array]]:
     TRACE_COUNTS["train"] += 1
-    optimizer = make_optimizer(state.config.optim)
+    optimizer = _optimizer(state.config.optim)
     grad_fn = eqx.filter_value_and_grad(_losses, has_aux=True)
     (loss, (retnorm, post, metrics)), grads = grad_fn(state.params, state, batch, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -305,6 +305,13 @@ def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
     new = eqx.tree_at(lambda s: (s.world_model, s.actor, s.critic, s.slow_critic, s.opt_state, s.retnorm, s.step),
                       state, (wm, actor, critic, slow, opt_state, retnorm, state.step + 1))
     return new, metrics, _latent_keys(state.world_model.dynamics.entry(post))
+
+
+def _optimizer(config: OptimConfig):
+    """The optimiser of the agent's (world model, actor, critic): weight decay, if any, on the world
+    model only (R2I's model optimiser; its actor and critic optimisers have none)."""
+    no_decay = lambda tree: jax.tree.map(lambda _: False, tree)
+    return make_optimizer(config, lambda p: (decay_mask(p[0]), no_decay(p[1]), no_decay(p[2])))
 
 
 def _scale_group_updates(updates: tuple, config: OptimConfig) -> tuple:

@@ -18,7 +18,7 @@ class OptimConfig:
     beta1: float = 0.9  # momentum, applied after the RMS scaling ("LaProp")
     beta2: float = 0.999
     eps: float = 1e-20
-    weight_decay: float = 0.0  # decoupled; never applied to SSM parameters (their own group, as in R2I)
+    weight_decay: float = 0.0  # decoupled; the world model's weights only, never SSM parameters (R2I)
     # Learning rates of the actor and the critic; None = `lr` (2024: one rate). The 2023 variant used
     # separate ones (model 1e-4, actor and critic 3e-5); the agent scales those groups' updates.
     actor_lr: float | None = None
@@ -42,18 +42,21 @@ def clip_by_agc(clip: float, pmin: float) -> optax.GradientTransformation:
 
 
 def decay_mask(params):
-    """True for parameters that get weight decay: everything but the SSM layers' parameters (any leaf
-    below an attribute named `ssm`, see `worldmodels.sequence.s3m.SSMBlock`)."""
+    """True for the parameters that get weight decay, as R2I's `wd_pattern`: weight matrices and
+    convolution kernels (leaves named `weight` or `kernel`), not biases or norm parameters, and none
+    of the SSM layers' parameters (any leaf below an attribute named `ssm`, see
+    `worldmodels.sequence.s3m.SSMBlock`)."""
 
     def decays(path, leaf) -> bool:
-        return not any(isinstance(k, jax.tree_util.GetAttrKey) and k.name == "ssm" for k in path)
+        names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+        return bool(names) and names[-1] in ("weight", "kernel") and "ssm" not in names
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
-    """AGC -> RMS scaling -> momentum -> (decoupled weight decay, SSM parameters excluded) -> lr."""
-    decay = [optax.add_decayed_weights(config.weight_decay, mask=decay_mask)] if config.weight_decay else []
+def make_optimizer(config: OptimConfig, mask=decay_mask) -> optax.GradientTransformation:
+    """AGC -> RMS scaling -> momentum -> (decoupled weight decay where `mask(params)` is True) -> lr."""
+    decay = [optax.add_decayed_weights(config.weight_decay, mask=mask)] if config.weight_decay else []
     return optax.chain(
         clip_by_agc(config.agc, config.pmin),
         optax.scale_by_rms(decay=config.beta2, eps=config.eps, eps_in_sqrt=False, bias_correction=True),
