@@ -62,21 +62,49 @@ def _actor_critic(layers: int, units: int) -> dict:
 # With these, R2I succeeds at memory lengths 10 and 30 and DreamerV3 at 10 only (README).
 _MEMORY_CPU = {"run.batch_size": 16, "run.seq_len": 64, "run.train_ratio": 256.0, **FAST_MODEL}
 
-# R2I's released hyperparameters (B x T, train ratio, deter / width / state / layers, actor-critic).
+# R2I's released world model and optimiser settings, from its configs.yaml (on DreamerV3 2023):
+# 32 x 32 latents, 8 HiPPO blocks, prior and posterior of one layer of H units, LayerNorm everywhere,
+# loss scales dyn 0.5 / rep 0.1, the actor's output at full scale, and its learning rates (world
+# model 1e-4, actor and critic 3e-5, no warmup). DreamerV3 2024's optimiser (LaProp with per-tensor
+# AGC) stands in for its Adam with global-norm clipping.
+_R2I_RELEASED = {"agent.world_model.sequence.s3m.classes": 32, "agent.world_model.sequence.s3m.hippo_blocks": 8,
+                 "agent.world_model.sequence.s3m.img_layers": 1, "agent.world_model.sequence.s3m.obs_layers": 1,
+                 "agent.world_model.sequence.s3m.norm": "layer", "agent.world_model.norm": "layer",
+                 "agent.actor_critic.norm": "layer", "agent.actor_critic.actor_outscale": 1.0,
+                 "agent.world_model.dyn_scale": 0.5, "agent.world_model.rep_scale": 0.1,
+                 "agent.optim.lr": 1e-4, "agent.optim.actor_lr": 3e-5, "agent.optim.critic_lr": 3e-5,
+                 "agent.optim.warmup": 0}
+
+
+def _r2i(deter: int, width: int, state: int, layers: int, policy_input: str, mlp: tuple[int, int],
+         heads: tuple[int, int], cnn_depth: int, actor_critic: tuple[int, int], **s3m) -> dict:
+    """A released R2I setting: the S3M (prior and posterior `width` units wide), the vector encoder and
+    decoder MLPs and the reward and continue heads as (layers, units), the CNN depth, the actor and
+    critic as (layers, units)."""
+    return {**_s3m(deter, width, state, layers, policy_input, hidden=width, **s3m), **_R2I_RELEASED,
+            "agent.world_model.layers": mlp[0], "agent.world_model.units": mlp[1],
+            "agent.world_model.head_layers": heads[0], "agent.world_model.head_units": heads[1],
+            "agent.world_model.cnn_depth": cnn_depth, **_actor_critic(*actor_critic)}
+
+
+# R2I's released settings (configs.yaml, and configs_backup.yaml for BSuite). Memory Maze's encoder
+# and decoder MLPs (4 x 400) go unused: it sees images only. R2I's BSuite config also switches the
+# scan's resets off (`reset_mode: none`); this code always resets at episode starts.
 R2I_PRESETS = {
-    "r2i": {**_s3m(4096, 1024, 128, 4, "full"), **_actor_critic(5, 1024), "run.batch_size": 4,
+    "r2i": {**_r2i(4096, 1024, 128, 4, "full", (5, 1024), (5, 1024), 96, (5, 1024)), "run.batch_size": 4,
             "run.seq_len": 1024, "run.train_ratio": 32.0},
-    "r2i-memory-maze": {**_s3m(2048, 1024, 512, 5, "full"), **_actor_critic(4, 1024), "run.batch_size": 4,
-                        "run.seq_len": 1024, "run.train_ratio": 64.0, "run.num_envs": 40, "run.steps": 400_000_000,
-                        "agent.optim.lr": 3e-4, "agent.optim.weight_decay": 1e-2, "agent.world_model.dyn_scale": 0.8,
-                        "agent.world_model.rep_scale": 0.2, "agent.actor_critic.entropy": 1e-3,
-                        "agent.world_model.cnn_depth": 48},
-    "r2i-popgym": {**_s3m(1024, 512, 128, 3, "hidden"), **_actor_critic(2, 512), "run.batch_size": 4,
+    "r2i-memory-maze": {**_r2i(2048, 1024, 512, 5, "full", (4, 400), (4, 1024), 48, (4, 1024)),
+                        "run.batch_size": 4, "run.seq_len": 1024, "run.train_ratio": 64.0, "run.num_envs": 40,
+                        "run.steps": 400_000_000, "agent.optim.lr": 3e-4, "agent.optim.actor_lr": 1e-4,
+                        "agent.optim.critic_lr": 1e-4, "agent.optim.weight_decay": 1e-2,
+                        "agent.world_model.dyn_scale": 0.8, "agent.world_model.rep_scale": 0.2,
+                        "agent.actor_critic.entropy": 1e-3},
+    "r2i-popgym": {**_r2i(1024, 512, 128, 3, "hidden", (1, 512), (2, 512), 32, (2, 512)), "run.batch_size": 4,
                    "run.seq_len": 1024, "run.train_ratio": 64.0, "run.num_envs": 8, "run.steps": 200_000_000},
-    "r2i-bsuite": {**_s3m(512, 512, 128, 3, "hidden", discretization="zoh", learned_initial=False),
-                   **_actor_critic(2, 512), "run.batch_size": 16, "run.seq_len": 256, "run.train_ratio": 1024.0,
-                   "run.steps": 5_000_000},
-    "r2i-dmc": {**_s3m(512, 512, 128, 4, "full"), **_actor_critic(2, 512), "run.batch_size": 4,
+    "r2i-bsuite": {**_r2i(512, 512, 128, 3, "hidden", (5, 1024), (2, 512), 32, (2, 512), discretization="zoh",
+                          learned_initial=False),
+                   "run.batch_size": 16, "run.seq_len": 256, "run.train_ratio": 1024.0, "run.steps": 5_000_000},
+    "r2i-dmc": {**_r2i(512, 512, 128, 4, "full", (5, 1024), (2, 512), 32, (2, 512)), "run.batch_size": 4,
                 "run.seq_len": 1024, "run.train_ratio": 512.0, "run.steps": 500_000},
     # Reduced for this project's 2-core CPU (NOT the released setting): smaller widths, short sequences.
     "r2i-bsuite-cpu": {**_s3m(128, 64, 32, 2, "hidden", discretization="zoh", learned_initial=False, hidden=64,

@@ -48,3 +48,32 @@ def test_r2i_presets_use_the_2023_continue_scheme_and_dreamer_presets_the_2024_o
     assert not r2i.contdisc and not r2i.repval_grad
     dreamer = make_config(["size1m", "dreamer-bsuite-cpu"]).agent.actor_critic
     assert dreamer.contdisc and dreamer.repval_grad
+
+
+# R2I's configs.yaml (configs_backup.yaml for BSuite), transcribed by hand: deter, H, P, SSM layers,
+# encoder/decoder MLP (layers, units), reward/continue heads (layers, units), CNN depth, actor and
+# critic (layers, units), learning rates (world model, actor and critic), loss scales (dyn, rep).
+R2I_RELEASED = {
+    "r2i": (4096, 1024, 128, 4, (5, 1024), (5, 1024), 96, (5, 1024), (1e-4, 3e-5), (0.5, 0.1)),
+    "r2i-memory-maze": (2048, 1024, 512, 5, (4, 400), (4, 1024), 48, (4, 1024), (3e-4, 1e-4), (0.8, 0.2)),
+    "r2i-popgym": (1024, 512, 128, 3, (1, 512), (2, 512), 32, (2, 512), (1e-4, 3e-5), (0.5, 0.1)),
+    "r2i-bsuite": (512, 512, 128, 3, (5, 1024), (2, 512), 32, (2, 512), (1e-4, 3e-5), (0.5, 0.1)),
+    "r2i-dmc": (512, 512, 128, 4, (5, 1024), (2, 512), 32, (2, 512), (1e-4, 3e-5), (0.5, 0.1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(R2I_RELEASED))
+def test_r2i_released_presets_match_r2is_configs(name):
+    deter, width, state, layers, mlp, heads, cnn, ac, (lr, ac_lr), (dyn, rep) = R2I_RELEASED[name]
+    agent = make_config([name]).agent
+    wm, s3m, opt = agent.world_model, agent.world_model.sequence.s3m, agent.optim
+    assert (s3m.deter, s3m.width, s3m.state_size, s3m.layers) == (deter, width, state, layers)
+    assert (s3m.stoch, s3m.classes, s3m.hippo_blocks, s3m.hidden, s3m.img_layers, s3m.obs_layers) == (
+        32, 32, 8, width, 1, 1)
+    assert ((wm.layers, wm.units), (wm.head_layers, wm.head_units), wm.cnn_depth) == (mlp, heads, cnn)
+    assert (agent.actor_critic.layers, agent.actor_critic.units) == ac
+    assert (opt.lr, opt.actor_lr, opt.critic_lr, opt.warmup) == (lr, ac_lr, ac_lr, 0)
+    assert (wm.dyn_scale, wm.rep_scale) == (dyn, rep)
+    assert opt.weight_decay == (1e-2 if name == "r2i-memory-maze" else 0.0)
+    assert {wm.norm, s3m.norm, agent.actor_critic.norm} == {"layer"}
+    assert abstract_agent(make_config([name]), IMAGE if "maze" in name else VECTOR) > 1e6  # it builds

@@ -25,9 +25,10 @@ ObsSpec = Mapping[str, tuple[tuple[int, ...], str]]
 @dataclass(frozen=True)
 class WorldModelConfig:
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
-    units: int = 64  # width of the vector encoder/decoder MLPs and the heads
+    units: int = 64  # width of the vector encoder/decoder MLPs (and of the heads, unless head_units)
     layers: int = 3  # layers of the vector encoder/decoder MLPs
     head_layers: int = 1  # layers of the reward and continue heads
+    head_units: int = 0  # width of the reward and continue heads; 0: `units`
     cnn_depth: int = 4
     # The image decoder's first layer (DreamerV3 2024's default): the deterministic state through this
     # many block-diagonal blocks plus the stochastic latent through a 2-layer MLP of 2 x `units`.
@@ -196,9 +197,10 @@ class WorldModel(eqx.Module):
         self.dynamics = make_sequence_model(config.sequence, self.encoder.out_dim, action_dim, key=k2, dtype=dtype)
         feat = self.dynamics.feature_dim
         self.decoder = Decoder(obs_spec, feat, config, key=k3, deter_dim=self.dynamics.deter_dim, dtype=dtype)
-        self.reward_head = Head(feat, config.bins, config.units, config.head_layers, key=k4, zero_init=True,
+        head_units = config.head_units or config.units
+        self.reward_head = Head(feat, config.bins, head_units, config.head_layers, key=k4, zero_init=True,
                                 norm=config.norm, dtype=dtype)
-        self.cont_head = Head(feat, 1, config.units, config.head_layers, key=k5, norm=config.norm, dtype=dtype)
+        self.cont_head = Head(feat, 1, head_units, config.head_layers, key=k5, norm=config.norm, dtype=dtype)
 
     def reward(self, feat: Float[Array, "... f"]) -> TwoHot:
         return TwoHot(self.reward_head(feat), symexp_bins(self.config.bins))
