@@ -236,7 +236,7 @@ def checkpoint_bench(gib: float) -> None:
             written = time.perf_counter() - start
         print(f"save: returned after {returned:.2f} s, written after {written:.2f} s; "
               f"peak RSS {peak.peak:.2f} GiB, {peak.peak - before:+.2f} GiB over the {before:.2f} GiB before")
-        expected = replay.state_dict()["data/reward"].copy()
+        expected = {k: v.copy() for k, v in replay.state_dict().items()}
         del replay
         fresh = ReplayBuffer(spec, 2 * stored * num_envs, num_envs)
         with PeakRSS() as peak:
@@ -245,7 +245,7 @@ def checkpoint_bench(gib: float) -> None:
             fresh.load_state_dict(state)
             elapsed = time.perf_counter() - start
         del state
-        exact = np.array_equal(fresh.state_dict()["data/reward"], expected)
+        exact = all(np.array_equal(fresh.state_dict()[k], v) for k, v in expected.items())
         after = rss_gib()
         print(f"restore into a fresh buffer: {elapsed:.2f} s; peak RSS {peak.peak:.2f} GiB, "
               f"{peak.peak - after:+.2f} GiB over the {after:.2f} GiB held after it; restored exactly: {exact}")

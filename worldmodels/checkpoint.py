@@ -10,7 +10,7 @@ four items:
 ``replay``
     The replay buffer, a flat ``dict[str, np.ndarray]`` (``PyTreeSave``,
     uncompressed; restored as numpy arrays with the saved dtypes, int64
-    included).  Big or strided arrays are written as pieces of at most 64 MiB
+    included).  Arrays over 64 MiB are written as pieces of about that size
     (see ``_cut_replay``).
 ``blobs``
     Named raw bytes, stored as uint8 arrays under the keys ``b0``, ``b1``, ...
@@ -23,13 +23,13 @@ orbax cannot write zero-size arrays, so those (and empty blobs) are recorded
 in ``meta`` and rebuilt on restore; an item with nothing left to write is not
 written at all.
 
-The agent state and blobs are saved asynchronously: orbax copies them to host
-memory and writes the files in a background thread.  The replay, which can be
+Without a replay, a save is asynchronous: orbax copies the agent state and blobs
+to host memory and writes the files in a background thread.  The replay, which can be
 the biggest thing in the process, is written straight from the caller's arrays
 and uncompressed, so saving needs no second copy of it; :meth:`Checkpointer.save`
 returns once it is written.  A restore can likewise fill the replay buffer's own
 memory in place.  (``python -m experiments.bench --checkpoint 1.15``: 1.15 GiB of
-stored images save with +0.01 GiB of memory and restore with +0.05 GiB, where
+stored images save with +0.01 GiB of memory and restore with +0.06 GiB, where
 orbax's copy and compression needed +2.3 GiB.)
 orbax writes each step into ``<N>.orbax-checkpoint-tmp-*`` and renames it to ``<N>``
 only when complete, so a crash mid-save leaves no step directory behind;
@@ -83,18 +83,23 @@ def _replay_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
 
 
-# A big replay array is written and read in pieces of at most this many bytes.
+# A replay array bigger than this is written and read in pieces of about this size.
 _PIECE_BYTES = 64 << 20
 
 
-def _piece_name(key: str, row: int, first: int) -> str:
-    return f"{key}@{row}@{first}"
+def _pieces(shape: tuple[int, ...], rows_per_piece: int, steps_per_piece: int):
+    """``(name suffix, index)`` of each piece of an array ``[rows, steps, ...]``: runs of whole rows, or
+    (with one row per piece) runs of one row's steps, indexed without the row axis: tensorstore takes a
+    leading axis of size 1 with a row's stride for a strided array, and copies it."""
+    rows, steps = shape[0], shape[1]
+    if rows_per_piece > 1:
+        return [(f"@{r}@0", (slice(r, r + rows_per_piece),)) for r in range(0, rows, rows_per_piece)]
+    return [(f"@{r}@{s}", np.s_[r, s:s + steps_per_piece]) for r in range(rows) for s in range(0, steps, steps_per_piece)]
 
 
-def _pieces(shape: tuple[int, ...], steps_per_piece: int):
-    """``(row, first, stop)`` of each piece of an array ``[rows, steps, ...]`` cut by rows and runs of steps."""
-    return [(row, first, min(first + steps_per_piece, shape[1]))
-            for row in range(shape[0]) for first in range(0, shape[1], steps_per_piece)]
+def _piece_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    sizes = [len(range(*i.indices(n))) for i, n in zip(index, shape) if isinstance(i, slice)]
+    return (*sizes, *shape[len(index):])
 
 
 def _cut_replay(replay_state: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
@@ -102,11 +107,13 @@ def _cut_replay(replay_state: dict[str, Any]) -> tuple[dict[str, np.ndarray], di
     bounded piece at a time.
 
     tensorstore writes a C-contiguous array without copying it but copies a strided one whole, and
-    reads an array whole. So an array ``[rows, steps, ...]`` whose rows are contiguous (as the stored
-    part of a ring, ``[num_envs, stored, ...]``, is), if it is strided or bigger than
-    ``_PIECE_BYTES``, is cut into rows and runs of steps of at most that size, named
-    ``"<key>@<row>@<first step>"``. Returns the arrays to write and ``{key: [shape, dtype, steps per
-    piece]}`` of those cut.
+    reads an array whole. So an array ``[rows, steps, ...]`` bigger than ``_PIECE_BYTES`` whose rows
+    are contiguous (as the stored part of a ring, ``[num_envs, stored, ...]``, is) is cut into
+    contiguous pieces of about that size (at least one step of one row): runs of whole rows if the
+    array is contiguous and its rows small, else runs of each row's steps. A piece is named
+    ``"<key>@<first row>@<first step>"``. Smaller arrays are written whole (a strided one copied),
+    and so are 1-D arrays and arrays with strided rows. Returns the arrays to write and ``{key:
+    [shape, dtype, rows per piece, steps per piece]}`` of those cut.
     """
     arrays, cut = {}, {}
 
@@ -119,14 +126,17 @@ def _cut_replay(replay_state: dict[str, Any]) -> tuple[dict[str, np.ndarray], di
         if not isinstance(k, str):
             raise TypeError(f"replay_state key {k!r} is not a str")
         v = np.asarray(v)
-        big_or_strided = v.nbytes > _PIECE_BYTES or not v.flags.c_contiguous
-        if v.ndim >= 2 and v.size and big_or_strided and v[0].flags.c_contiguous:
-            steps = max(1, _PIECE_BYTES // (v[0, 0].nbytes or 1))
-            cut[k] = [list(v.shape), _dtype_str(v.dtype), steps]
-            for row, first, stop in _pieces(v.shape, steps):
-                put(_piece_name(k, row, first), v[row, first:stop])
-        else:
+        if v.ndim < 2 or v.nbytes <= _PIECE_BYTES or not v[0].flags.c_contiguous:
             put(k, v)
+            continue
+        row_bytes, step_bytes = v[0].nbytes, v[0, 0].nbytes
+        if v.flags.c_contiguous and 0 < row_bytes <= _PIECE_BYTES:
+            rows, steps = _PIECE_BYTES // row_bytes, v.shape[1]
+        else:
+            rows, steps = 1, max(1, _PIECE_BYTES // max(step_bytes, 1))
+        cut[k] = [list(v.shape), _dtype_str(v.dtype), rows, steps]
+        for suffix, index in _pieces(v.shape, rows, steps):
+            put(k + suffix, v[index])
     return arrays, cut
 
 
@@ -411,8 +421,14 @@ class Checkpointer:
         saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         if not saved:  # should not happen with force=True
             raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
-        if wait or "replay" in saved_items:  # the replay is written from the caller's arrays
-            self.wait()
+        if wait or "replay" in saved_items:
+            try:
+                self.wait()
+            except BaseException:
+                # orbax goes on writing the replay from the caller's arrays: they must not change
+                # before it is done, or the finished checkpoint would mix old and new data.
+                self.wait()
+                raise
 
     # -- restore -----------------------------------------------------------
 
@@ -464,12 +480,12 @@ class Checkpointer:
                         f"metadata of item {name!r} is missing or unreadable."
                     )
                 specs[name].update(_flat_specs(getattr(md, "tree", md)))
-        for key, (shape, dtype, steps) in info.get("replay_cut", {}).items():  # report cut arrays whole
+        for key, (shape, dtype, rows, steps) in info.get("replay_cut", {}).items():  # report cut arrays whole
             missing = []
-            for row, first, stop in _pieces(tuple(shape), steps):
-                piece = specs["replay"].pop((_piece_name(key, row, first),), None)
-                if piece != ((stop - first, *shape[2:]), dtype):
-                    missing.append(_piece_name(key, row, first))
+            for suffix, index in _pieces(tuple(shape), rows, steps):
+                piece = specs["replay"].pop((key + suffix,), None)
+                if piece != (_piece_shape(tuple(shape), index), dtype):
+                    missing.append(key + suffix)
             if missing:
                 raise CheckpointMismatchError(
                     f"Checkpoint step {step} in {self.directory}: replay array {key!r} is missing "
@@ -494,7 +510,7 @@ class Checkpointer:
         then returned as None (as it is when the checkpoint holds none).  A
         writeable numpy array in ``replay_template`` is filled in place and
         returned (e.g. views of the replay buffer's storage: a big replay is then
-        never held twice; it is read in groups of pieces of about 64 MiB).
+        never held twice when it was saved in pieces; see ``_cut_replay``).
 
         Raises:
             FileNotFoundError: there is no (such) finalised checkpoint.
@@ -605,7 +621,8 @@ class Checkpointer:
         return agent_state, replay_out, document["user"], blobs_out
 
     def _restore_pieces(self, step: int, out: dict[str, np.ndarray], cut: dict[str, list]) -> None:
-        """Reads the cut replay arrays into ``out`` in groups of pieces of about ``_PIECE_BYTES``."""
+        """Reads the cut replay arrays into ``out``, a group of pieces of up to ~2 x ``_PIECE_BYTES`` at a
+        time."""
         group, group_bytes = {}, 0
 
         def read() -> None:
@@ -617,10 +634,10 @@ class Checkpointer:
             group, group_bytes = {}, 0
 
         for key, dest in out.items():
-            shape, _, steps = cut[key]
-            for row, first, stop in _pieces(tuple(shape), steps):
-                group[_piece_name(key, row, first)] = dest[row, first:stop]
-                group_bytes += dest[row, first:stop].nbytes
+            shape, _, rows, steps = cut[key]
+            for suffix, index in _pieces(tuple(shape), rows, steps):
+                group[key + suffix] = dest[index]
+                group_bytes += dest[index].nbytes
                 if group_bytes >= _PIECE_BYTES:
                     read()
         if group:

@@ -232,7 +232,8 @@ class ReplayBuffer:
         """The restore target of a checkpoint of a buffer like this one holding ``stored_per_env``
         steps per env stream: ``state_dict()``'s keys, shapes and dtypes, as writeable views of this
         buffer's first slots (``Checkpointer.restore`` fills them in place, so a big replay is not
-        held twice) and a fresh counter. Pass what the restore returns to ``load_state_dict``."""
+        held twice) and a fresh counter. Pass what the restore returns to ``load_state_dict``. Meant
+        for a fresh buffer: a restore that fails leaves it partly overwritten."""
         if not 0 <= stored_per_env <= self.capacity_per_env:
             raise ValueError(f"replay.state_template: stored_per_env must be in [0, {self.capacity_per_env}], "
                              f"got {stored_per_env}")
@@ -242,7 +243,8 @@ class ReplayBuffer:
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore exactly from ``state_dict()`` output of a buffer with the same spec,
-        capacity and num_envs (data is copied into this buffer's storage). Data arrays
+        capacity and num_envs (data is copied into this buffer's storage, unless it is there
+        already: arrays from ``state_template`` that a restore filled in place). Data arrays
         holding more than the stored steps, up to the whole ring, are accepted too. Slots
         past them are left as they are: nothing reads a slot before it is written, and not
         touching them keeps a fresh buffer's pages uncommitted."""
