@@ -122,8 +122,14 @@ def test_initial_state(models):
                                np.broadcast_to(np.asarray(models[True].init_hidden), learned.hidden.shape))
     np.testing.assert_array_equal(np.asarray(zero.hidden), 0.0)
     for state in (learned, zero):
-        for name in ("deter", "stoch", "logits"):
+        for name in ("deter", "logits"):
             np.testing.assert_array_equal(np.asarray(getattr(state, name)), 0.0)
+    np.testing.assert_array_equal(np.asarray(zero.stoch), 0.0)
+    # Learned (R2I): the prior's mode at the output state tanh(0) = 0, one-hot per latent.
+    model = models[True]
+    logits = np.asarray(model.prior_out(model.prior_net(jnp.zeros(CFG.deter)))).reshape(CFG.stoch, CFG.classes)
+    expected = np.eye(CFG.classes)[logits.argmax(-1)]
+    np.testing.assert_array_equal(np.asarray(learned.stoch), np.broadcast_to(expected, learned.stoch.shape))
 
 
 @pytest.mark.parametrize("learned", [True, False])

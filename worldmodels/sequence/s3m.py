@@ -74,7 +74,8 @@ class SSMBlock(eqx.Module):
 
 
 class S3M(SequenceModel):
-    """The R2I sequence model (see module docstring). Initial SSM states: learned or zeros."""
+    """The R2I sequence model (see module docstring). Initial state: learned (every layer's SSM state, and
+    the latent as the prior's mode at h = 0, as R2I's) or zeros."""
 
     config: S3MConfig = eqx.field(static=True)
     action_dim: int = eqx.field(static=True)
@@ -111,6 +112,16 @@ class S3M(SequenceModel):
         # h_t is computed from x_t alone, so only the SSM states need a (learned) initial value.
         return self.init_hidden if self.config.learned_initial else jnp.zeros_like(self.init_hidden)
 
+    def _initial_stoch(self) -> Float[Array, "s k"]:
+        """The latent an episode starts from. Learned: as R2I, the prior's mode at the initial output
+        state tanh(learned deter); that deter gets no gradient through the mode, so it stays at its
+        zero init and the state is h = 0. Otherwise zeros."""
+        c = self.config
+        if not c.learned_initial:
+            return jnp.zeros((c.stoch, c.classes))
+        logits = self._logits(self.prior_net, self.prior_out, jnp.zeros(c.deter))
+        return jax.lax.stop_gradient(jax.nn.one_hot(jnp.argmax(logits, -1), c.classes))
+
     def _inputs(self, stoch: Array, action: Array) -> Array:
         return self.in_proj(jnp.concatenate([stoch.reshape(*stoch.shape[:-2], -1), scale_action(action)], -1))
 
@@ -128,8 +139,8 @@ class S3M(SequenceModel):
     def initial(self, batch_size: int) -> S3MState:
         c = self.config
         hidden = self._initial_hidden()
-        zeros = jnp.zeros((batch_size, c.stoch, c.classes))
-        return S3MState(jnp.zeros((batch_size, c.deter)), zeros, zeros,
+        stoch = jnp.broadcast_to(self._initial_stoch(), (batch_size, c.stoch, c.classes))
+        return S3MState(jnp.zeros((batch_size, c.deter)), stoch, jnp.zeros((batch_size, c.stoch, c.classes)),
                         jnp.broadcast_to(hidden, (batch_size, *hidden.shape)))
 
     def img_step(self, state: S3MState, action: Float[Array, "b a"], key: PRNGKeyArray) -> S3MState:
@@ -154,10 +165,10 @@ class S3M(SequenceModel):
         post_logits = self._logits(self.post_net, self.post_out, embed)
         stoch = jax.vmap(lambda lg, k: OneHotCategorical(lg, 2).sample(k), (1, 0), 1)(post_logits, keys)
         # Teacher forcing: the input of step t is (z_{t-1}, a_{t-1}); at episode starts both come from
-        # the initial state (z zeros, action zeroed), exactly as obs_step's reset does.
+        # the initial state (its z, action zeroed), exactly as obs_step's reset does.
         first = is_first[..., None, None]
         prev_stoch = jnp.concatenate([state.stoch[:, None], stoch[:, :-1]], 1)
-        prev_stoch = jnp.where(first, 0.0, prev_stoch)
+        prev_stoch = jnp.where(first, self._initial_stoch(), prev_stoch)
         action = jnp.where(is_first[..., None], 0.0, action)
         u = self._inputs(prev_stoch, action)
         init_hidden = self._initial_hidden()
