@@ -354,7 +354,8 @@ def test_replay_is_cut_into_pieces_and_read_back_in_place(tmp_path, monkeypatch)
         into.load_state_dict({"data/x": got["data/x"], "counter/written": np.array(30)})  # already in place
         assert np.shares_memory(got["data/x"], into.state_dict()["data/x"])
         np.testing.assert_array_equal(into.state_dict()["data/x"], replay["data/x"])
-        assert len(reads) > 3 and max(reads[1:]) < 200  # the whole arrays, then groups of pieces
+        # Groups of arrays and pieces under 2 x 100 bytes, or one whole (1-D) array bigger than that.
+        assert len(reads) > 3 and all(r < 200 or r == replay["flat"].nbytes for r in reads), reads
         with pytest.raises(CheckpointMismatchError, match=r"data/x: saved \(3, 30, 4\) uint8 vs expected \(3, 31, 4\)"):
             ck.restore(make_agent(1), {**replay_template_like(replay), "data/x": np.zeros((3, 31, 4), np.uint8)})
         with pytest.raises(ValueError, match="clashes"):

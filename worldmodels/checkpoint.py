@@ -558,11 +558,6 @@ class Checkpointer:
                 replay_specs[(str(k),)] = _spec(v)
             self._check_match(step, "replay state", specs["replay"], replay_specs)
             replay_zero = zero_size.get("replay", {})
-            cut = info.get("replay_cut", {})
-            whole = {k: np.empty(shape, dtype) for (k,), (shape, dtype) in replay_specs.items()
-                     if k not in cut and (k,) not in replay_zero}  # zero-size arrays were not written
-            if "replay" in saved_items and whole:
-                args["replay"] = _partial_restore(whole)
 
         # blobs
         if "blobs" in saved_items:
@@ -596,16 +591,14 @@ class Checkpointer:
 
         replay_out = None
         if restore_replay:
-            got = restored["replay"] if "replay" in args else {}
             replay_out = {}
             for k, v in replay_template.items():
-                shape, dtype = _spec(v)
                 fill = isinstance(v, np.ndarray) and v.flags.writeable and v.size
-                out = v if fill else np.zeros(shape, dtype)
-                if str(k) in got:
-                    np.copyto(out, np.asarray(got.pop(str(k))).reshape(shape))
-                replay_out[k] = out
-            self._restore_pieces(step, {str(k): replay_out[k] for k in replay_template if str(k) in cut}, cut)
+                replay_out[k] = v if fill else np.zeros(*_spec(v))
+            # Zero-size arrays were not written; the rest is read into replay_out a group at a time.
+            written = {str(k): out for k, out in replay_out.items() if (str(k),) not in replay_zero}
+            if "replay" in saved_items:
+                self._read_replay(step, written, info.get("replay_cut", {}))
 
         blobs_out = {}
         got_blobs = restored["blobs"] if "blobs" in args else {}
@@ -620,28 +613,26 @@ class Checkpointer:
 
         return agent_state, replay_out, document["user"], blobs_out
 
-    def _restore_pieces(self, step: int, out: dict[str, np.ndarray], cut: dict[str, list]) -> None:
-        """Reads the cut replay arrays into ``out``, a group of pieces of up to ~2 x ``_PIECE_BYTES`` at a
-        time."""
-        group, group_bytes = {}, 0
-
-        def read() -> None:
-            nonlocal group, group_bytes
-            targets = {name: np.empty(dest.shape, dest.dtype) for name, dest in group.items()}
-            got = self._manager.restore(step, args=ocp.args.Composite(replay=_partial_restore(targets)))["replay"]
-            for name, dest in group.items():
-                np.copyto(dest, got.pop(name))
-            group, group_bytes = {}, 0
-
+    def _read_replay(self, step: int, out: dict[str, np.ndarray], cut: dict[str, list]) -> None:
+        """Reads the replay arrays into ``out``, whole or (those in ``cut``) piece by piece, in groups
+        of up to ~2 x ``_PIECE_BYTES`` (or one array bigger than that, in older checkpoints)."""
+        parts = []  # (name on disk, where it goes)
         for key, dest in out.items():
-            shape, _, rows, steps = cut[key]
-            for suffix, index in _pieces(tuple(shape), rows, steps):
-                group[key + suffix] = dest[index]
-                group_bytes += dest[index].nbytes
-                if group_bytes >= _PIECE_BYTES:
-                    read()
-        if group:
-            read()
+            if key in cut:
+                shape, _, rows, steps = cut[key]
+                parts += [(key + suffix, dest[index]) for suffix, index in _pieces(tuple(shape), rows, steps)]
+            else:
+                parts.append((key, dest))
+        group, group_bytes = {}, 0
+        for i, (name, dest) in enumerate(parts):
+            group[name] = dest
+            group_bytes += dest.nbytes
+            if group_bytes >= _PIECE_BYTES or i == len(parts) - 1:
+                targets = {n: np.empty(d.shape, d.dtype) for n, d in group.items()}
+                got = self._manager.restore(step, args=ocp.args.Composite(replay=_partial_restore(targets)))
+                for n, d in group.items():
+                    np.copyto(d, got["replay"].pop(n))
+                group, group_bytes = {}, 0
 
     def _check_match(self, step: int, what: str, saved: dict, expected: dict) -> None:
         problems = []
