@@ -1,0 +1,16 @@
+"""Shared test set-up."""
+
+import gc
+
+import jax
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. XLA's CPU executables keep their code in
+    memory mappings, and the whole suite's programs would pass the kernel's limit of 65,530 mappings
+    per process (vm.max_map_count), after which XLA crashes mid-compile."""
+    yield
+    jax.clear_caches()
+    gc.collect()
