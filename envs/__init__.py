@@ -37,7 +37,8 @@ import gymnasium
 
 from envs.dm_env_adapter import DmEnvToGymnasium, spec_to_space
 
-__all__ = ["DmEnvToGymnasium", "families", "make", "spec_to_space"]
+__all__ = ["DmEnvToGymnasium", "bsuite_id_problem", "bsuite_ids", "check_name", "families", "make",
+           "spec_to_space"]
 
 # builder(id_within_family, seed, **kwargs) -> gymnasium.Env
 Builder = Callable[..., gymnasium.Env]
@@ -102,6 +103,92 @@ def _bsuite_factory(bsuite_id: str) -> Callable[[int | None], Any]:
     return functools.partial(_load_bsuite, experiment, dict(sweep.SETTINGS[bsuite_id]), takes_seed)
 
 
+def _format_setting(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _bsuite_sweep(experiment: str) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """(the experiment's (id, settings) in bsuite's order, the setting keys that vary across them)."""
+    from bsuite import sweep
+
+    settings = [(k, v) for k, v in sweep.SETTINGS.items() if k.split(sweep.SEPARATOR)[0] == experiment]
+    varying = [key for key in (settings[0][1] if settings else {})
+               if len({repr(s.get(key)) for _, s in settings}) > 1]
+    return settings, varying
+
+
+def bsuite_ids(experiment: str) -> str:
+    """What the ids of a bsuite experiment mean, read from bsuite's own sweep, in one line: e.g.
+    ``"memory_len ids 0-22 are memory_length (id: value) 0: 1, 1: 2, ..., 22: 100"``.
+
+    Raises:
+      KeyError: `experiment` is not a bsuite experiment.
+    """
+    settings, varying = _bsuite_sweep(experiment)
+    if not settings:
+        raise KeyError(experiment)
+    number = lambda bsuite_id: bsuite_id.rsplit("/", 1)[1]
+    ids = f"{experiment} ids {number(settings[0][0])}-{number(settings[-1][0])}"
+    if not varying:
+        return f"{ids} share one setting {settings[0][1]} (bsuite runs them as repeats)"
+    if len(varying) == 1:
+        listed = ", ".join(f"{number(k)}: {_format_setting(s[varying[0]])}" for k, s in settings)
+        return f"{ids} are {varying[0]} (id: value) {listed}"
+    listed = ", ".join(f"{number(k)}: " + " ".join(f"{key}={_format_setting(s[key])}" for key in varying)
+                       for k, s in settings)
+    return f"{ids} are settings {listed}"
+
+
+def bsuite_id_problem(bsuite_id: str) -> str | None:
+    """None for a valid bsuite id (a key of ``bsuite.sweep.SETTINGS``, e.g. ``memory_len/15``), else
+    one line that says what is wrong and names the valid ids, read from bsuite's sweep: an unknown
+    experiment lists the experiments; an unknown number lists what each id of the experiment means
+    and, where the number is one of the experiment's settings (``memory_len/30``: memory length 30),
+    the id that has it (``bsuite/memory_len/15``)."""
+    from bsuite import sweep
+
+    if bsuite_id in sweep.SETTINGS:
+        return None
+    experiment, _, number = bsuite_id.partition(sweep.SEPARATOR)
+    settings, varying = _bsuite_sweep(experiment)
+    if not settings:
+        experiments = sorted({k.split(sweep.SEPARATOR)[0] for k in sweep.SETTINGS})
+        return (f"unknown bsuite experiment {experiment!r} in 'bsuite/{bsuite_id}': bsuite ids are "
+                f"<experiment>/<number> with experiments {', '.join(experiments)} (e.g. 'bsuite/catch/0')")
+    message = f"unknown bsuite id 'bsuite/{bsuite_id}': {bsuite_ids(experiment)}"
+    try:
+        wanted = float(number)
+    except ValueError:
+        wanted = None
+    if wanted is not None and len(varying) == 1:
+        match = [k for k, s in settings if s[varying[0]] == wanted]
+        if match:
+            message += f"; {varying[0]} {number} is 'bsuite/{match[0]}'"
+    return message
+
+
+def check_name(name: str) -> None:
+    """Check an env name without building the env (cheap: no MuJoCo, no env process).
+
+    Raises:
+      ValueError: one line naming the problem and the valid choices: an unknown family, a missing
+        id, or an unknown bsuite id (see `bsuite_id_problem`). Other families check their ids when
+        the env is built.
+    """
+    for prefix in _REGISTRY:
+        if name.startswith(prefix):
+            env_id = name[len(prefix):]
+            if not env_id:
+                raise ValueError(f"environment name {name!r} has no id after {prefix!r}")
+            if prefix == "bsuite/":
+                problem = bsuite_id_problem(env_id)
+                if problem is not None:
+                    raise ValueError(problem)
+            return
+    raise ValueError(f"unknown environment family in {name!r}: valid families {families()} "
+                     "(e.g. 'gym:CartPole-v1', 'bsuite/catch/0')")
+
+
 def _make_bsuite(
     bsuite_id: str, seed: int | None, results_dir: str | None = None
 ) -> gymnasium.Env:
@@ -115,14 +202,9 @@ def _make_bsuite(
         cannot rebuild it without restarting its log, so pass the seed to
         `make` instead.
     """
-    from bsuite import sweep
-
-    if bsuite_id not in sweep.SETTINGS:
-        raise ValueError(
-            f"Unknown bsuite id {bsuite_id!r}. Valid ids are the keys of "
-            f"bsuite.sweep.SWEEP (e.g. 'catch/0', 'memory_len/3'); "
-            f"valid families: {families()}."
-        )
+    problem = bsuite_id_problem(bsuite_id)
+    if problem is not None:
+        raise ValueError(problem)
     factory = _bsuite_factory(bsuite_id)
     if results_dir is None:
         env = DmEnvToGymnasium(factory=factory, seed=seed)

@@ -17,7 +17,9 @@ if __name__ == "__main__":  # first, before jax is imported (see experiments/hug
     reexec_with_huge_pages()
 
 import argparse
+import dataclasses
 import functools
+import math
 import os
 import sys
 
@@ -61,8 +63,38 @@ def _parse(argv: list[str] | None = None) -> tuple[Config, bool]:
                    "--env NAME is short for --run.env NAME; --model rssm|s3m for "
                    "--agent.world_model.sequence.model.\n--device-loop: run a bsuite env with a JAX-native "
                    "version (envs.jax) in worldmodels.device_loop (env, policy, replay and training in one "
-                   "compiled lax.scan chunk).")
+                   "compiled lax.scan chunk).\n\nbsuite ids are bsuite/<experiment>/<number>, the keys of "
+                   "bsuite.sweep.SETTINGS: e.g. 'bsuite/memory_len/15' is memory length 30 (an unknown id "
+                   f"lists what each id of its experiment means).\n\n{SMOKE_STEPS}=N in the environment "
+                   "caps a run at N env steps (a smoke test of a command).")
     return tyro.cli(Config, default=base, args=rest, description=description), known.device_loop
+
+
+# A smoke run of a command as written (the README test uses it): at most this many env steps, and
+# updates only at its end, so that every command trains, logs and checkpoints but stays short.
+SMOKE_STEPS = "WORLDMODELS_SMOKE_STEPS"
+SMOKE_UPDATES = 1  # updates a smoke run makes (where its replay holds a whole window by then)
+
+
+def apply_smoke_steps(config: Config) -> Config:
+    """`config` with `run.steps` capped at $WORLDMODELS_SMOKE_STEPS (unset or empty: unchanged),
+    `run.train_start` moved so that about `SMOKE_UPDATES` updates come last, and the log, eval and
+    checkpoint intervals within the run."""
+    value = os.environ.get(SMOKE_STEPS, "")
+    if not value:
+        return config
+    if not value.isdigit() or int(value) < 2:
+        raise SystemExit(f"error: {SMOKE_STEPS}={value!r}: give a number of env steps >= 2 (e.g. 320), "
+                         "or unset it")
+    rc = config.run
+    steps = min(rc.steps, int(value))
+    env_steps_per_update = rc.batch_size * rc.seq_len / rc.train_ratio if rc.train_ratio > 0 else steps
+    train_start = max(0, min(rc.train_start, steps - math.ceil(SMOKE_UPDATES * env_steps_per_update)))
+    within = lambda every: min(every, max(steps // 2, 1)) if every else every  # 0 keeps "never"
+    run = dataclasses.replace(rc, steps=steps, train_start=train_start, log_every=within(rc.log_every),
+                              eval_every=within(rc.eval_every), checkpoint_every=within(rc.checkpoint_every))
+    print(f"{SMOKE_STEPS}={value}: a smoke run of {steps} env steps, updates from step {train_start}")
+    return dataclasses.replace(config, run=run)
 
 
 def enable_compile_cache(path: str | None = None) -> None:
@@ -79,6 +111,11 @@ def enable_compile_cache(path: str | None = None) -> None:
 def main(argv: list[str] | None = None) -> dict:
     enable_compile_cache()
     config, device_loop = _parse(argv)
+    try:  # before the config is printed and anything compiles
+        envs.check_name(config.run.env)
+    except ValueError as e:
+        raise SystemExit(f"error: --env: {e}") from None
+    config = apply_smoke_steps(config)
     print(dumps(config))
     if device_loop:
         import envs.jax as jenvs

@@ -146,8 +146,46 @@ def test_unknown_bsuite_id_raises():
     with pytest.raises(ValueError) as err:
         make("bsuite/catch/9999")
     msg = str(err.value)
-    assert "catch/9999" in msg and "bsuite.sweep.SWEEP" in msg
-    assert "gym:" in msg and "bsuite/" in msg
+    assert "'bsuite/catch/9999'" in msg and "catch ids 0-19" in msg
+
+
+def test_unknown_bsuite_id_names_the_id_with_that_setting():
+    from bsuite import sweep
+
+    # A reader of the R2I paper tries memory length 30 as the id; bsuite's own sweep says which id it is.
+    (wanted,) = [k for k, v in sweep.SETTINGS.items() if k.startswith("memory_len/") and v["memory_length"] == 30]
+    with pytest.raises(ValueError) as err:
+        envs.check_name("bsuite/memory_len/30")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.endswith(f"memory_length 30 is 'bsuite/{wanted}'")
+    assert wanted == "memory_len/15"
+    # every id of the experiment is listed with its memory length, as bsuite's sweep has it
+    listed = msg.split("(id: value) ")[1].split(";")[0]
+    pairs = dict(item.split(": ") for item in listed.split(", "))
+    assert {f"memory_len/{i}": int(v) for i, v in pairs.items()} == {
+        k: v["memory_length"] for k, v in sweep.SETTINGS.items() if k.startswith("memory_len/")}
+    # make and the JAX twin refuse it with the same line
+    with pytest.raises(ValueError, match="'bsuite/memory_len/15'"):
+        make("bsuite/memory_len/30")
+    from envs import jax as jax_envs
+
+    with pytest.raises(ValueError, match="'bsuite/memory_len/15'"):
+        jax_envs.make("bsuite/memory_len/30")
+
+
+def test_check_name_refuses_bad_names_without_building():
+    envs.check_name("bsuite/memory_len/15")
+    envs.check_name("gym:CartPole-v1")
+    with pytest.raises(ValueError, match="unknown bsuite experiment 'memory_length'.*memory_len"):
+        envs.check_name("bsuite/memory_length/3")
+    with pytest.raises(ValueError, match="unknown environment family"):
+        envs.check_name("atari/Pong")
+    with pytest.raises(ValueError, match="no id"):
+        envs.check_name("dmc/")
+    # ids without one varying setting: said so, and no suggestion
+    with pytest.raises(ValueError, match=r"catch ids 0-19 share one setting") as err:
+        envs.check_name("bsuite/catch/20")
+    assert " is 'bsuite/" not in str(err.value)
 
 
 # ---------------------------------------------------------------- adapter

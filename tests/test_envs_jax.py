@@ -203,7 +203,7 @@ def test_make_every_id_matches_bsuite_specs(experiment):
 def test_make_errors_name_the_fix():
     with pytest.raises(ValueError, match="Supported experiments"):
         jenvs.make("deep_sea/0")
-    with pytest.raises(ValueError, match="bsuite.sweep.SETTINGS"):
+    with pytest.raises(ValueError, match="memory_len ids 0-22 are memory_length"):
         jenvs.make("memory_len/99")
 
 

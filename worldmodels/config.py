@@ -18,7 +18,9 @@ from worldmodels.agent import AgentConfig
 class RunConfig:
     """The training run around the agent (environment, budget, replay, logging, checkpoints)."""
 
-    env: str = "gym:CartPole-v1"  # envs.make name: gym:<id>, bsuite/<id>, ...
+    # envs.make name: gym:<id>, bsuite/<experiment>/<number> (the keys of bsuite.sweep.SETTINGS, e.g.
+    # bsuite/memory_len/15 is memory length 30), dmc/<domain>-<task>, ...
+    env: str = "gym:CartPole-v1"
     num_envs: int = 1
     parallel_envs: bool = False  # envs in subprocesses (the CLI uses envs.parallel: crashed ones restart)
     steps: int = 12_000  # environment steps, summed over envs (the host loop rounds up to a multiple of num_envs)
@@ -32,6 +34,7 @@ class RunConfig:
     train_start: int = 1024  # environment steps collected before the first update
     eval_every: int = 0  # environment steps between greedy evaluations (0: never)
     eval_episodes: int = 5
+    final_eval_episodes: int = 5  # greedy episodes at the end of the run, beside the training return (0: none)
     log_every: int = 1000  # environment steps between metric logs
     checkpoint_every: int = 10_000  # environment steps between checkpoints (and at exit)
     seed: int = 0

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from envs import bsuite_id_problem
 from envs.jax.base import AutoReset, AutoResetState, JaxEnv, TimeStep
 from envs.jax.catch import Catch, CatchParams, CatchState
 from envs.jax.discounting_chain import DiscountingChain, DiscountingChainParams, DiscountingChainState
@@ -119,7 +120,7 @@ def make(bsuite_id: str) -> tuple[JaxEnv, Any]:
     if experiment not in _BUILDERS:
         raise ValueError(f"No JAX-native env for bsuite id {bsuite_id!r}. Supported experiments: "
                          f"{experiments()}; use envs.make('bsuite/{bsuite_id}') for the host env.")
-    if bsuite_id not in sweep.SETTINGS:
-        raise ValueError(f"Unknown bsuite id {bsuite_id!r}: valid ids are the keys of bsuite.sweep.SETTINGS "
-                         f"(e.g. 'memory_len/0' ... 'memory_len/{len(sweep.MEMORY_LEN) - 1}').")
+    problem = bsuite_id_problem(bsuite_id)
+    if problem is not None:
+        raise ValueError(problem)
     return _BUILDERS[experiment](dict(sweep.SETTINGS[bsuite_id]))
