@@ -99,7 +99,7 @@ def plot_curves(groups: dict[str, dict[str, list[dict]]], out: str | Path, bins:
         for i, (name, runs) in enumerate(groups.items()):
             ends, mean, low, high = group_curve(runs, bins, max_step, band)
             ok = ~np.isnan(mean)
-            ax.plot(ends[ok], mean[ok], color=f"C{i}", label=f"{name} ({len(runs)} run(s))")
+            ax.plot(ends[ok], mean[ok], color=f"C{i}", label=legend_label(name, len(runs), band))
             if len(runs) > 1 and band != "none":
                 ax.fill_between(ends[ok], low[ok], high[ok], color=f"C{i}", alpha=0.25, linewidth=0)
         ax.set_xlabel("environment steps")
@@ -110,6 +110,14 @@ def plot_curves(groups: dict[str, dict[str, list[dict]]], out: str | Path, bins:
         ax.grid(alpha=0.3)
         fig.tight_layout()
     return save_png(fig, out)
+
+
+def legend_label(name: str, runs: int, band: str) -> str:
+    """A group's legend entry: its name, and for several runs how many and what the band shows."""
+    if runs == 1:
+        return f"{name} (1 run)"
+    shaded = {"minmax": ", min-max band", "std": ", ±1 std band", "sem": ", ±1 s.e.m. band", "none": ""}[band]
+    return f"{name} (mean of {runs} runs{shaded})"
 
 
 def save_png(fig, out: str | Path) -> Path:
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
 
     named: dict[str, list[str]] = {}
     if args.runs:
-        named[f"mean of {len(args.runs)} run(s)" if not args.group else "runs"] = args.runs
+        named[Path(args.runs[0]).name if len(args.runs) == 1 else "runs"] = args.runs
     for group in args.group:
         if len(group) < 2:
             raise SystemExit(f"error: --group needs a name and at least one run, got {group}")

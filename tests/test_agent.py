@@ -193,7 +193,7 @@ def test_replay_value_loss_reaches_the_world_model_only_with_repval_grad():
         def loss(params):
             wm, critic = params
             _, (post, _) = wm.loss(batch, wm.dynamics.initial(b), jax.random.PRNGKey(1))
-            return agent_lib._replay_value_loss(wm, critic, state, batch, post, jnp.ones((b, t)), 0.99)
+            return agent_lib._replay_value_loss(wm, critic, state, batch, post, jnp.ones((b, t)), 0.99)[0]
 
         grads[flag] = eqx.filter_grad(loss)((state.world_model, critic))
     leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]

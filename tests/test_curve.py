@@ -60,3 +60,11 @@ def test_cli_named_groups(tmp_path):
         curve.main([])
     with pytest.raises(FileNotFoundError, match="scores.jsonl"):
         curve.main([str(tmp_path / "missing")])
+
+
+def test_legend_says_how_many_runs_and_what_the_band_is():
+    from experiments.curve import legend_label
+
+    assert legend_label("default", 1, "minmax") == "default (1 run)"
+    assert legend_label("default", 3, "minmax") == "default (mean of 3 runs, min-max band)"
+    assert legend_label("r2i", 2, "none") == "r2i (mean of 2 runs)"

@@ -127,8 +127,13 @@ def test_short_training_run_compiles_once_and_writes_logs(tmp_path):
     assert len(trained) == 4  # the first chunk's last block reaches train_start
     assert all(np.isfinite(m[k]) for m in trained for k in m if k.startswith("loss/"))
     scores = [json.loads(line) for line in (tmp_path / "scores.jsonl").open()]
-    assert len(scores) == summary["episodes"] >= 256 // 10
+    train = [s for s in scores if s["mode"] == "train"]
+    assert len(train) == summary["episodes"] >= 256 // 10
     assert all(s["length"] == 9 and s["return"] in (-1.0, 1.0) for s in scores)  # catch: 9 steps, +-1
+    # the run ends with greedy episodes (run.final_eval_episodes), in the summary too
+    final = [s["return"] for s in scores if s["mode"] == "eval"]
+    assert [s["env_step"] for s in scores if s["mode"] == "eval"] == [256] * config.run.final_eval_episodes
+    assert summary["eval_returns"] == final
     assert [s["env_step"] for s in scores] == sorted(s["env_step"] for s in scores)
 
 
@@ -152,9 +157,11 @@ def test_resumed_run_equals_uninterrupted_run_and_evaluation_leaves_training_alo
     read = lambda run: [{k: v for k, v in json.loads(line).items() if k != "time"}
                         for line in (tmp_path / run / "scores.jsonl").open()]
     scores_a, scores_b = read("a"), read("b")
-    assert [s for s in scores_a if s["mode"] == "train"] == scores_b
+    assert [s for s in scores_a if s["mode"] == "train"] == [s for s in scores_b if s["mode"] == "train"]
     evals = [s for s in scores_a if s["mode"] == "eval"]
-    assert [s["env_step"] for s in evals] == [128] * 3 + [256] * 3
+    # every 128 steps 3 episodes, and 5 at the end of each call that reached its budget
+    assert [s["env_step"] for s in evals] == [128] * 3 + [256] * 3 + [256] * 5
+    assert [s["env_step"] for s in scores_b if s["mode"] == "eval"] == [128] * 5 + [256] * 5
     assert all(s["length"] == 9 and s["return"] in (-1.0, 1.0) for s in evals)  # whole catch episodes
     # The host loop cannot resume a device-loop run: a clear error, and the saved config stays.
     saved = (tmp_path / "b" / "config.json").read_text()

@@ -39,9 +39,17 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert resumed["env_steps"] == straight["env_steps"] == 320
     assert resumed["updates"] == straight["updates"] > 0
     assert leaves_equal(straight["state"], resumed["state"])
-    scores = lambda d: [(r["env_step"], r["return"]) for r in map(json.loads, (d / "scores.jsonl").open())]
-    assert scores(tmp_path / "a") == scores(tmp_path / "b") and len(scores(tmp_path / "a")) > 3
+    scores = lambda d, mode: [(r["env_step"], r["return"]) for r in map(json.loads, (d / "scores.jsonl").open())
+                              if r["mode"] == mode]
+    assert scores(tmp_path / "a", "train") == scores(tmp_path / "b", "train")
+    assert len(scores(tmp_path / "a", "train")) > 3
     assert resumed["recent_return"] == straight["recent_return"]  # the recent returns were checkpointed
+    # each run that reached its budget ended with greedy episodes, and they did not change training
+    assert [s for s, _ in scores(tmp_path / "a", "eval")] == [320] * 5
+    assert [s for s, _ in scores(tmp_path / "b", "eval")] == [160] * 5 + [320] * 5
+    assert straight["eval_return"] == pytest.approx(np.mean([r for _, r in scores(tmp_path / "a", "eval")]))
+    assert straight["recent_episodes"] == len([s for s, _ in scores(tmp_path / "a", "train")
+                                               if s > 320 - straight["recent_window_steps"]])
 
 
 class _UnpicklableOnLoad(gym.Wrapper):

@@ -258,9 +258,10 @@ def _losses(params: tuple[WorldModel, Actor, Critic], state: AgentState, batch: 
 
     total = wm_loss + ac.actor_scale * actor_loss + ac.critic_scale * critic_loss
     if ac.repval_scale:
-        repval_loss = _replay_value_loss(wm, critic, state, batch, post, sg(ret[:, 0]).reshape(b, t), gamma)
+        repval_loss, repval_metrics = _replay_value_loss(wm, critic, state, batch, post,
+                                                         sg(ret[:, 0]).reshape(b, t), gamma)
         total = total + ac.repval_scale * repval_loss
-        metrics["loss/repval"] = repval_loss
+        metrics.update({"loss/repval": repval_loss, **repval_metrics})
     metrics.update({"loss/world_model": wm_loss, "loss/actor": actor_loss, "loss/critic": critic_loss,
                     "actor/entropy": entropy.mean(), "imag/return": ret.mean(), "imag/reward": reward.mean(),
                     "imag/value": value.mean(), "imag/return_scale": scale, "imag/adv_std": jnp.std(adv)})
@@ -268,12 +269,13 @@ def _losses(params: tuple[WorldModel, Actor, Critic], state: AgentState, batch: 
 
 
 def _replay_value_loss(wm: WorldModel, critic: Critic, state: AgentState, batch: Mapping[str, Array],
-                       post: State, boot: Float[Array, "b t"], gamma: float) -> Float[Array, ""]:
+                       post: State, boot: Float[Array, "b t"], gamma: float) -> tuple[Float[Array, ""], dict]:
     """Critic loss on the replayed sequences themselves (DreamerV3 2024, "repval").
 
     Targets are lambda returns over the real rewards, bootstrapped from the imagined return `boot`
     of each replayed step; the recursion stops at episode ends (`is_last`) and the bootstrap at
     terminal steps. With `repval_grad` its gradient also reaches the world model through `post`.
+    **Returns:** (the loss, metrics: the critic's mean value on the replayed steps and their mean target).
     """
     ac = state.config.actor_critic
     pfeat = wm.dynamics.policy_features(post)
@@ -286,7 +288,11 @@ def _replay_value_loss(wm: WorldModel, critic: Critic, state: AgentState, batch:
     values = critic(pfeat[:, :-1])
     slow_value = sg(state.slow_critic(pfeat[:, :-1]).mean())
     loss = -(values.log_prob(sg(ret)) + ac.slow_reg * values.log_prob(slow_value))
-    return jnp.mean((1.0 - last[:, :-1]) * loss)
+    live = 1.0 - last[:, :-1]
+    live_mean = lambda x: (x * live).sum() / jnp.maximum(live.sum(), 1.0)
+    # the critic's value beside the real-reward return it learns (a critic that lags the policy shows here)
+    metrics = {"replay/value": live_mean(sg(values.mean())), "replay/return": live_mean(ret)}
+    return jnp.mean(live * loss), metrics
 
 
 def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray

@@ -42,7 +42,7 @@ from worldmodels import agent as agent_lib
 from worldmodels.agent import ActionSpec, AgentState, PolicyCarry
 from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import Config, dumps, to_dict
-from worldmodels.logging import RunLogger
+from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_pad, replay_sample_windows,
                                 replay_stored, replay_stored_part, replay_update)
 
@@ -356,7 +356,7 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
           f"{s.effective_train_ratio(rc.batch_size, rc.seq_len):g} (asked {rc.train_ratio:g})")
 
     counters = {"episodes": 0, "last_checkpoint": 0, "last_eval": 0}
-    recent: collections.deque = collections.deque(maxlen=100)  # the last episodes' returns
+    recent = RecentReturns(recent_window(rc.steps))  # the episodes that ended in the run's last tenth
     ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
     if ckpt.latest_step() is not None:
         saved_meta = ckpt.read_meta()
@@ -372,14 +372,14 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
         restored = fresh_buffers(restored["carry"])
         carry = restored._replace(replay=replay_pad(restored.replay, loop.capacity_per_env))
         counters = meta["counters"]
-        recent.extend(meta.get("recent_returns", []))
+        recent.load(meta.get("recent_returns", []), int(carry.env_steps))
         print(f"resumed from {logdir} at env step {int(carry.env_steps)} ({int(carry.updates)} updates)")
     (logdir / "config.json").write_text(dumps(config))
     saved: list[int] = []  # the steps checkpointed by this call
 
     def checkpoint(wait: bool = False) -> None:
         stored = int(replay_stored(carry.replay))
-        meta = {"loop": "device", "counters": counters, "recent_returns": list(recent), "replay_stored": stored,
+        meta = {"loop": "device", "counters": counters, "recent_returns": recent.state(), "replay_stored": stored,
                 "config": to_dict(config)}
         ckpt.save(int(carry.env_steps), {"carry": carry._replace(replay=replay_stored_part(carry.replay, stored))},
                   None, meta, wait=wait)
@@ -390,6 +390,7 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
     env_steps, updates = int(carry.env_steps), int(carry.updates)
     start, start_steps, start_updates = time.time(), env_steps, updates
     first_chunk_s, after_first = None, None
+    final_eval: dict[str, Any] = {}
     clean_exit = False
     try:
         with StopOnInterrupt() as flag:
@@ -403,15 +404,17 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
                 # scores: vector step t of the chunk ends at env step start + (t + 1) * N
                 for t, i in zip(*np.nonzero(out.is_last)):
                     counters["episodes"] += 1
-                    recent.append(float(out.episode_return[t, i]))
-                    logger.score(chunk_start_steps + (t + 1) * s.num_envs, "train", out.episode_return[t, i],
-                                 out.episode_length[t, i])
+                    end_step = chunk_start_steps + (t + 1) * s.num_envs
+                    recent.add(end_step, float(out.episode_return[t, i]))
+                    logger.score(end_step, "train", out.episode_return[t, i], out.episode_length[t, i])
                 elapsed = max(time.time() - start, 1e-9)
                 values: dict[str, Any] = {"env_steps_per_s": (env_steps - start_steps) / elapsed,
                                           "updates_per_s": (updates - start_updates) / elapsed,
                                           "updates": updates, "episodes": counters["episodes"]}
-                if recent:
-                    values["train/return_recent"] = float(np.mean(recent))
+                recent_returns = recent.returns(env_steps)
+                if recent_returns:
+                    values["train/return_recent"] = float(np.mean(recent_returns))
+                    values["train/return_recent_episodes"] = len(recent_returns)
                 if out.trained.any():
                     values.update({k: float(np.mean(v[out.trained])) for k, v in out.metrics.items()})
                 logger.metrics(env_steps, values)
@@ -423,6 +426,10 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
                         logger.score(env_steps, "eval", ret, length)
                 if rc.checkpoint_every and env_steps - counters["last_checkpoint"] >= rc.checkpoint_every:
                     checkpoint()
+            if env_steps >= rc.steps > start_steps and rc.final_eval_episodes > 0:
+                key = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 3), env_steps)
+                returns, lengths = loop.evaluate(carry.agent, env_params, key, rc.final_eval_episodes)
+                final_eval = final_evaluation_report(logger, env_steps, returns, lengths, recent)
         clean_exit = True
     finally:
         # After a crash (or a second Ctrl-C) mid-chunk the carry's buffers may be donated or stale:
@@ -436,6 +443,7 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
     if after_first is not None and env_steps > after_first[1]:
         steady = (env_steps - after_first[1]) / max(time.time() - after_first[0], 1e-9)
     return {"env_steps": env_steps, "updates": updates, "episodes": counters["episodes"],
-            "recent_return": float(np.mean(recent)) if recent else None, "seconds": elapsed,
+            "recent_return": recent.mean(env_steps), "recent_episodes": len(recent.returns(env_steps)),
+            "recent_window_steps": recent.window, **final_eval, "seconds": elapsed,
             "first_chunk_seconds": first_chunk_s, "env_steps_per_s_after_first_chunk": steady,
             "schedule": s, "state": carry.agent, "replay": carry.replay}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -80,3 +81,62 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RecentReturns:
+    """The returns of the episodes that ended in the last `window` env steps: what the progress bar,
+    the metric `train/return_recent` and a run's summary call the recent return. (A fixed count of
+    episodes would reach back to the run's short early episodes once episodes grow long.)
+    """
+
+    def __init__(self, window: int):
+        self.window = max(int(window), 1)
+        self._episodes: collections.deque[tuple[int, float]] = collections.deque()  # (env step at its end, return)
+        self._now = 0
+
+    def add(self, env_step: int, episode_return: float) -> None:
+        self._now = max(self._now, int(env_step))
+        self._episodes.append((int(env_step), float(episode_return)))
+        # older episodes can go, but the last one stays: it is reported while no newer one has ended
+        while len(self._episodes) > 1 and self._episodes[0][0] <= self._now - self.window:
+            self._episodes.popleft()
+
+    def returns(self, env_step: int | None = None) -> list[float]:
+        """The returns of the episodes that ended after `env_step` - window (default: the last episode's
+        step); if none did, the last episode's return alone; [] before the first episode."""
+        now = self._now if env_step is None else int(env_step)
+        inside = [r for s, r in self._episodes if s > now - self.window]
+        return inside or [r for _, r in list(self._episodes)[-1:]]
+
+    def mean(self, env_step: int | None = None) -> float | None:
+        returns = self.returns(env_step)
+        return float(np.mean(returns)) if returns else None
+
+    def state(self) -> list[list[float]]:
+        """[[env step, return], ...] for a checkpoint's metadata."""
+        return [[s, r] for s, r in self._episodes]
+
+    def load(self, saved: list, env_step: int) -> None:
+        """Restore `state()`; a list of bare returns (older checkpoints) counts as ending at `env_step`."""
+        for item in saved:
+            step, ret = (item if isinstance(item, (list, tuple)) else (env_step, item))
+            self.add(int(step), float(ret))
+
+
+def recent_window(steps: int) -> int:
+    """The recent return's window for a run of `steps` env steps: its last tenth (at least 1,000)."""
+    return max(steps // 10, 1000)
+
+
+def final_evaluation_report(logger: RunLogger, env_step: int, returns: Sequence[float], lengths: Sequence[int],
+                            recent: RecentReturns) -> dict[str, Any]:
+    """Log the greedy episodes that end a run as `eval` scores, and print them beside the sampled
+    training return. **Returns:** {"eval_return": mean, "eval_returns": [...]}."""
+    returns = [float(r) for r in returns]
+    for ret, length in zip(returns, lengths):
+        logger.score(env_step, "eval", ret, length)
+    train = recent.returns(env_step)
+    print(f"greedy evaluation at env step {env_step}: mean return {np.mean(returns):.1f} (min {min(returns):.1f}, "
+          f"max {max(returns):.1f}) over {len(returns)} episodes; training episodes (sampled actions) of the last "
+          f"{recent.window} env steps: mean {np.mean(train) if train else float('nan'):.1f} over {len(train)}")
+    return {"eval_return": float(np.mean(returns)), "eval_returns": returns}

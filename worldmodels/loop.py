@@ -22,7 +22,6 @@ import pickle
 import signal
 import time
 import warnings
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +35,7 @@ from worldmodels import agent as agent_lib
 from worldmodels import spaces
 from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import Config, dumps, from_dict, to_dict
-from worldmodels.logging import RunLogger
+from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import ReplayBuffer
 
 EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
@@ -67,8 +66,8 @@ def _make_vector_env(env_fn: EnvFn, config: Config,
 
 
 # What a resumed run may change; every other run option shapes the replay or the training schedule.
-RESUME_MAY_CHANGE = {"steps", "log_every", "eval_every", "eval_episodes", "checkpoint_every", "logdir",
-                     "tensorboard", "progress"}
+RESUME_MAY_CHANGE = {"steps", "log_every", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
+                     "logdir", "tensorboard", "progress"}
 
 
 def check_resumable(logdir: Path, config: Config) -> None:
@@ -187,7 +186,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     pending: dict[str, np.ndarray] = {}  # the step observed but not yet stored
     episode_return, episode_length = np.zeros(n), np.zeros(n, np.int64)
 
-    recent = deque(maxlen=100)  # the last episodes' returns
+    recent = RecentReturns(recent_window(rc.steps))  # the episodes that ended in the run's last tenth
     ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
     resumed = ckpt.latest_step() is not None
     if resumed:
@@ -208,7 +207,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         pending = {k[len("pending/"):]: v for k, v in replay_state.items() if k.startswith("pending/")}
         episode_return, episode_length = replay_state["loop/episode_return"], replay_state["loop/episode_length"]
         counters = meta["counters"]
-        recent.extend(meta.get("recent_returns", []))
+        recent.load(meta.get("recent_returns", []), counters["env_steps"])
         rng.bit_generator.state = meta["rng"]
         saved_envs = None
         if "envs" in blobs and not rc.parallel_envs:
@@ -269,7 +268,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                 warnings.warn(f"could not pickle the environments ({e}); a resume restarts their episodes")
         replay_state = {**replay.state_dict(), **{f"pending/{k}": v for k, v in pending.items()},
                         "loop/episode_return": episode_return, "loop/episode_length": episode_length}
-        meta = {"counters": counters, "rng": rng.bit_generator.state, "recent_returns": list(recent),
+        meta = {"counters": counters, "rng": rng.bit_generator.state, "recent_returns": recent.state(),
                 "replay_stored": replay.stored_per_env,
                 "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in pending.items()},
                 "config": to_dict(config)}
@@ -284,8 +283,10 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         values = {"env_steps_per_s": (steps - start_steps) / elapsed,
                   "updates_per_s": (counters["updates"] - start_updates) / elapsed,
                   "updates": counters["updates"], "episodes": counters["episodes"]}
-        if recent:
-            values["train/return_recent"] = float(np.mean(recent))
+        recent_returns = recent.returns(steps)
+        if recent_returns:
+            values["train/return_recent"] = float(np.mean(recent_returns))
+            values["train/return_recent_episodes"] = len(recent_returns)
         if pending_metrics:
             stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending_metrics))
             values.update({k: float(np.mean(v)) for k, v in stacked.items()})
@@ -294,7 +295,8 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         if progress is not None:
             progress.set_postfix({"env/s": f"{values['env_steps_per_s']:.0f}",
                                   "upd/s": f"{values['updates_per_s']:.2f}",
-                                  "return": f"{values.get('train/return_recent', float('nan')):.1f}"})
+                                  "return": f"{values.get('train/return_recent', float('nan')):.1f} "
+                                            f"({len(recent_returns)} ep)"})
 
     progress = None
     if rc.progress:
@@ -302,6 +304,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
 
         progress = tqdm(total=rc.steps, initial=counters["env_steps"], unit="step", dynamic_ncols=True)
 
+    final_eval: dict[str, Any] = {}
     clean_exit = False
     try:
         with StopOnInterrupt() as flag:
@@ -327,7 +330,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                 counters["env_steps"] += n
                 for i in np.flatnonzero(is_last):
                     counters["episodes"] += 1
-                    recent.append(float(episode_return[i]))
+                    recent.add(counters["env_steps"], float(episode_return[i]))
                     logger.score(counters["env_steps"], "train", episode_return[i], episode_length[i])
 
                 # 2. train: train_ratio replayed steps per env step
@@ -355,7 +358,8 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                     log_metrics(steps)
                 if eval_env is not None and steps - counters["last_eval"] >= rc.eval_every:
                     counters["last_eval"] = steps
-                    key, k_eval = jax.random.split(key)
+                    # a key of its own (not split from the loop's), so evaluating never changes training
+                    k_eval = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 2), steps)
                     results = evaluate(state, eval_env, rc.eval_episodes, k_eval)
                     for ret, length in results:
                         logger.score(steps, "eval", ret, length)
@@ -363,6 +367,14 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                     checkpoint()
                 if progress is not None:
                     progress.update(n)
+            if counters["env_steps"] >= rc.steps > start_steps and rc.final_eval_episodes > 0:
+                if progress is not None:
+                    progress.close()
+                if eval_env is None:
+                    eval_env = env_fn(rc.seed + 100_000)
+                key_eval = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 3), counters["env_steps"])
+                results = evaluate(state, eval_env, rc.final_eval_episodes, key_eval)
+                final_eval = final_evaluation_report(logger, counters["env_steps"], *zip(*results), recent)
         clean_exit = True
     finally:
         # Only a loop that stopped at a step boundary is consistent enough to save; after a crash the
@@ -385,6 +397,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
 
     elapsed = time.time() - start_time
     return {"env_steps": counters["env_steps"], "updates": counters["updates"], "episodes": counters["episodes"],
-            "recent_return": float(np.mean(recent)) if recent else None, "seconds": elapsed,
-            "first_update_seconds": first_update_seconds, "state": state}
+            "recent_return": recent.mean(counters["env_steps"]),
+            "recent_episodes": len(recent.returns(counters["env_steps"])), "recent_window_steps": recent.window,
+            **final_eval, "seconds": elapsed, "first_update_seconds": first_update_seconds, "state": state}
 from worldmodels.device_loop import run_on_device  # noqa: E402,F401  (the device loop for JAX envs)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from worldmodels.dists import Bernoulli, TwoHot, symexp_bins, symlog
+from worldmodels.dists import Bernoulli, TwoHot, sg, symexp_bins, symlog
 from worldmodels.nn import MLP, ConvDecoder, ConvEncoder, Linear
 from worldmodels.nn.layers import Norm
 from worldmodels.sequence import SequenceConfig, make_sequence_model
@@ -225,12 +225,18 @@ class WorldModel(eqx.Module):
         dyn, rep = self.dynamics.kl_loss(post, prior, c.free_nats)
         feat = self.dynamics.features(post)
         rec = self.decoder.loss(feat, data)
-        rew = -self.reward(feat).log_prob(data["reward"].astype(jnp.float32))
-        con = -self.cont(feat).log_prob(cont_discount * (1.0 - data["is_terminal"].astype(jnp.float32)))
+        reward, cont, terminal = self.reward(feat), self.cont(feat), data["is_terminal"].astype(jnp.float32)
+        rew = -reward.log_prob(data["reward"].astype(jnp.float32))
+        con = -cont.log_prob(cont_discount * (1.0 - terminal))
         total = (c.rec_scale * sum(rec.values()) + c.reward_scale * rew + c.cont_scale * con
                  + c.dyn_scale * dyn + c.rep_scale * rep)
         metrics = {"loss/dyn": dyn.mean(), "loss/rep": rep.mean(), "loss/reward": rew.mean(),
-                   "loss/cont": con.mean(), **{f"loss/rec_{k}": v.mean() for k, v in rec.items()}}
+                   "loss/cont": con.mean(), **{f"loss/rec_{k}": v.mean() for k, v in rec.items()},
+                   # how well the heads predict the replayed steps (terminal steps grow rare as episodes grow)
+                   "replay/reward_abs_error": jnp.abs(sg(reward.mean()) - data["reward"]).mean(),
+                   "replay/terminal_share": terminal.mean(),
+                   "replay/cont_at_terminal": (sg(cont.mean()) / cont_discount * terminal).sum()
+                   / jnp.maximum(terminal.sum(), 1.0)}
         return total.mean(), (post, metrics)
 
     def imagine(self, start: State, policy: Callable[[Array, PRNGKeyArray], Array], horizon: int,
