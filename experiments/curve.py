@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bins", type=int, default=10)
     parser.add_argument("--mode", default="train", choices=["train", "eval"])
     parser.add_argument("--band", default="minmax", choices=BANDS, help="shaded band over a group's runs")
-    parser.add_argument("--last", type=int, default=100, help="episodes in the final mean")
     parser.add_argument("--title", default=None)
     parser.add_argument("--out", default=None, help="PNG path (default: <first run>/curve.png)")
     args = parser.parse_args(argv)
@@ -167,10 +166,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{name}]")
         for run, records in runs.items():
             ends, means = binned(records, args.bins, max_step)
-            last = [r["return"] for r in records[-args.last:]]
-            print(f"{run}: {len(records)} episodes; mean return of the first {min(args.last, len(records))}: "
-                  f"{np.mean([r['return'] for r in records[:args.last]]):.2f}, of the last {len(last)}: "
-                  f"{np.mean(last):.2f}")
+            # the last bin's episodes: a count of episodes would reach back to the short early ones
+            last = [r["return"] for r in records if r["env_step"] > max_step * (1 - 1 / args.bins)]
+            print(f"{run}: {len(records)} episodes; mean return in the first bin {means[0]:.2f}, in the last bin "
+                  f"{np.mean(last) if last else float('nan'):.2f} ({len(last)} episodes)")
             print("  env step  " + " ".join(f"{int(e):>8d}" for e in ends))
             print("  return    " + " ".join(f"{m:>8.2f}" for m in means))
 

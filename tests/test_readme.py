@@ -76,7 +76,14 @@ def _id(command: Command) -> str:
 
 def run_command(command: Command, cwd: Path, cache: Path) -> tuple[int, str]:
     """Run one command in a fresh process in `cwd`: (exit code, its output)."""
+    # `python` in a command is the interpreter that runs these tests (its environment has the package)
+    bin_dir = cwd / ".bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("python", "python3"):  # a script, not a link: a venv's python finds its venv by its own path
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (bin_dir / name).chmod(0o755)
     env = {**os.environ, "WORLDMODELS_SMOKE_STEPS": SMOKE_STEPS, "WORLDMODELS_COMPILE_CACHE": str(cache),
+           "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "TF_CPP_MIN_LOG_LEVEL": "1", "PYTHONUNBUFFERED": "1"}
     if command.language == "python":

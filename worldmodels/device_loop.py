@@ -45,6 +45,7 @@ from worldmodels.config import Config, dumps, to_dict
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_pad, replay_sample_windows,
                                 replay_stored, replay_stored_part, replay_update)
+from worldmodels.resume import ConfigMismatchError, StopOnInterrupt, check_resumable
 
 # How often the chunk has been traced (compiled); tests check it stays at one per DeviceLoop.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -340,8 +341,6 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
     time (it includes compiling), env steps/s after the first chunk, the schedule, and the final
     agent `state` and `replay`.
     """
-    from worldmodels.loop import ConfigMismatchError, StopOnInterrupt, check_resumable  # (a circular import)
-
     rc = config.run
     logdir = Path(rc.logdir)
     logdir.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,7 @@ own step and the next vector step returns the reset observation.
 from __future__ import annotations
 
 import functools
-import json
 import pickle
-import signal
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,17 +32,14 @@ import numpy as np
 from worldmodels import agent as agent_lib
 from worldmodels import spaces
 from worldmodels.checkpoint import Checkpointer
-from worldmodels.config import Config, dumps, from_dict, to_dict
+from worldmodels.config import Config, dumps, to_dict
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import ReplayBuffer
+from worldmodels.resume import RESUME_MAY_CHANGE, ConfigMismatchError, StopOnInterrupt, check_resumable  # noqa: F401
 
 EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
 # env factories (no arguments) -> a vector env in NEXT_STEP autoreset mode, e.g. envs.parallel.ParallelVectorEnv
 VectorEnvFn = Callable[[list[Callable[[], gym.Env]]], gym.vector.VectorEnv]
-
-
-class ConfigMismatchError(ValueError):
-    """A run directory is being resumed with another agent or environment config."""
 
 
 def _make_vector_env(env_fn: EnvFn, config: Config,
@@ -63,56 +58,6 @@ def _make_vector_env(env_fn: EnvFn, config: Config,
         raise ValueError(f"the parallel vector env must autoreset in NEXT_STEP mode, not "
                          f"{envs.metadata.get('autoreset_mode')!r}")
     return envs
-
-
-# What a resumed run may change; every other run option shapes the replay or the training schedule.
-RESUME_MAY_CHANGE = {"steps", "log_every", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
-                     "logdir", "tensorboard", "progress"}
-
-
-def check_resumable(logdir: Path, config: Config) -> None:
-    """A run directory belongs to one agent and env: refuse to resume it with another."""
-    path = logdir / "config.json"
-    if not path.exists():
-        return
-    saved = from_dict(json.loads(path.read_text()))
-    problems = []
-    if saved.agent != config.agent:
-        problems.append("the agent config differs")
-    for name in sorted(set(vars(saved.run)) - RESUME_MAY_CHANGE):
-        if getattr(saved.run, name) != getattr(config.run, name):
-            problems.append(f"run.{name} is {getattr(config.run, name)!r}, was {getattr(saved.run, name)!r}")
-    if problems:
-        raise ConfigMismatchError(
-            f"{logdir} holds a run with another config ({'; '.join(problems)}). Resume it with the config in "
-            f"{path} (only run.{', run.'.join(sorted(RESUME_MAY_CHANGE))} may change), or pass a new "
-            "--run.logdir.")
-
-
-class StopOnInterrupt:
-    """First Ctrl-C asks the loop to stop at the next step boundary (and checkpoint); a second one
-    interrupts at once (the last checkpoint stays usable)."""
-
-    def __init__(self):
-        self.stop = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stop:
-            raise KeyboardInterrupt
-        self.stop = True
-        print("\nstopping at the next step boundary and saving a checkpoint (Ctrl-C again to abort)")
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _env_state(envs: gym.vector.SyncVectorEnv) -> dict[str, Any]:
