@@ -33,7 +33,7 @@ import envs  # noqa: E402
 from envs.parallel import ParallelVectorEnv  # noqa: E402
 from experiments.presets import register as register_presets  # noqa: E402
 from worldmodels import loop  # noqa: E402
-from worldmodels.config import PRESETS, Config, dumps, make_config, override  # noqa: E402
+from worldmodels.config import PRESETS, Config, ConfigError, dumps, make_config, override, validate  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> Config:
@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         raise SystemExit(f"error: --env: {e}") from None
     config = apply_smoke_steps(config)
-    print(dumps(config))
+    try:
+        validate(config)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     if device_loop:
         import envs.jax as jenvs
 
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
             env, env_params = jenvs.make(config.run.env)
         except ValueError as e:
             raise SystemExit(f"error: --device-loop: {e}") from None
+    print(dumps(config))
+    if device_loop:
         summary = loop.run_on_device(config, env, env_params)
         summary.pop("state", None), summary.pop("replay", None)
         print("summary:", summary)

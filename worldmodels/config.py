@@ -150,3 +150,134 @@ def from_dict(data: Mapping[str, Any], cls: type = Config) -> Any:
 
 def dumps(config: Config) -> str:
     return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+class ConfigError(ValueError):
+    """An option has a value the run cannot use; the message names the option and a valid value."""
+
+
+def _flag(path: str) -> str:
+    return "--" + path.replace("_", "-")
+
+
+# Bounds that no config may break: (low, low included) per option; int options also must be ints.
+_AT_LEAST_ONE = ("run.num_envs", "run.steps", "run.batch_size", "run.seq_len", "run.replay_capacity",
+                 "run.log_every", "agent.world_model.units", "agent.world_model.bins",
+                 "agent.world_model.sequence.rssm.deter", "agent.world_model.sequence.rssm.hidden",
+                 "agent.world_model.sequence.rssm.stoch", "agent.world_model.sequence.rssm.blocks",
+                 "agent.world_model.sequence.s3m.deter", "agent.world_model.sequence.s3m.width",
+                 "agent.world_model.sequence.s3m.state_size", "agent.world_model.sequence.s3m.layers",
+                 "agent.world_model.sequence.s3m.hidden", "agent.world_model.sequence.s3m.stoch",
+                 "agent.world_model.sequence.s3m.hippo_blocks", "agent.actor_critic.units",
+                 "agent.actor_critic.horizon", "agent.actor_critic.bins")
+_AT_LEAST_ZERO = ("run.train_ratio", "run.train_start", "run.eval_every", "run.eval_episodes",
+                  "run.final_eval_episodes", "run.checkpoint_every", "agent.world_model.layers",
+                  "agent.world_model.head_layers", "agent.world_model.head_units", "agent.world_model.cnn_depth",
+                  "agent.world_model.free_nats", "agent.optim.warmup", "agent.optim.weight_decay",
+                  "agent.actor_critic.entropy", "agent.actor_critic.layers", "agent.actor_critic.repval_scale")
+_EXAMPLES = {"run.batch_size": 16, "run.seq_len": 64, "run.steps": 12_000, "run.train_ratio": 64,
+             "agent.optim.lr": 4e-5, "agent.actor_critic.discount_horizon": 333, "agent.actor_critic.lam": 0.95}
+
+
+def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, value, declared type) of every option of a config dataclass."""
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_leaves(value, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", value, hints[f.name]))
+    return out
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """None if `value` fits the declared type `hint`, else what was expected."""
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return None if value in args else f"one of {', '.join(map(repr, args))}"
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return None if any(_type_problem(value, a) is None for a in args) else \
+            " or ".join(getattr(a, "__name__", str(a)) for a in args)
+    if hint is type(None):
+        return None if value is None else "None"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple:
+        return None if isinstance(value, tuple) else "a list"
+    return None
+
+
+def validate(config: Config) -> None:
+    """Check every option before anything is built or compiled.
+
+    **Raises:** `ConfigError` with one line that names the first bad option (as its CLI flag), the
+    value given and a valid value.
+    """
+    import math
+
+    def bad(path: str, value: Any, want: str) -> ConfigError:
+        example = f" (e.g. {_flag(path)} {_EXAMPLES[path]})" if path in _EXAMPLES else ""
+        return ConfigError(f"{_flag(path)} {value!r}: must be {want}{example}")
+
+    values = {}
+    for path, value, hint in _leaves(config):
+        problem = _type_problem(value, hint)
+        if problem is not None:
+            raise bad(path, value, problem)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(path, value, "a finite number")
+        values[path] = value
+    for path in _AT_LEAST_ONE:
+        if values[path] < 1:
+            raise bad(path, values[path], ">= 1")
+    for path in _AT_LEAST_ZERO:
+        if values[path] < 0:
+            raise bad(path, values[path], ">= 0")
+    for path in ("agent.optim.lr", "agent.optim.actor_lr", "agent.optim.critic_lr"):
+        if values[path] is not None and values[path] <= 0:
+            raise bad(path, values[path], "> 0")
+    for path in ("agent.actor_critic.lam", "agent.optim.beta1", "agent.optim.beta2",
+                 "agent.world_model.sequence.rssm.unimix", "agent.world_model.sequence.s3m.unimix",
+                 "agent.actor_critic.unimix", "agent.actor_critic.slow_rate"):
+        if not 0 <= values[path] <= 1:
+            raise bad(path, values[path], "in [0, 1]")
+    if values["agent.actor_critic.discount_horizon"] <= 1:
+        raise bad("agent.actor_critic.discount_horizon", values["agent.actor_critic.discount_horizon"],
+                  "> 1 (gamma = 1 - 1 / discount_horizon)")
+    for path in ("agent.world_model.sequence.rssm.classes", "agent.world_model.sequence.s3m.classes"):
+        if values[path] < 2:
+            raise bad(path, values[path], ">= 2 (classes of each categorical latent)")
+    for path in ("agent.world_model.bins", "agent.actor_critic.bins"):
+        if values[path] % 2 == 0:
+            raise bad(path, values[path], "odd (twohot bins are symmetric around 0), e.g. 255")
+    rssm = config.agent.world_model.sequence.rssm
+    if rssm.deter % rssm.blocks:
+        raise ConfigError(f"--agent.world-model.sequence.rssm.deter {rssm.deter}: must be a multiple of "
+                          f"--agent.world-model.sequence.rssm.blocks {rssm.blocks} (the block GRU splits it), "
+                          f"e.g. {rssm.blocks * max(1, round(rssm.deter / rssm.blocks))}")
+    if not 0 <= config.agent.actor_critic.retnorm_low < config.agent.actor_critic.retnorm_high <= 100:
+        raise ConfigError(f"--agent.actor-critic.retnorm-low {config.agent.actor_critic.retnorm_low!r} and "
+                          f"--agent.actor-critic.retnorm-high {config.agent.actor_critic.retnorm_high!r}: must be "
+                          "percentiles with 0 <= low < high <= 100, e.g. 5 and 95")
+    rc = config.run
+    per_env = rc.replay_capacity // rc.num_envs
+    if per_env < rc.window:
+        raise ConfigError(f"--run.replay-capacity {rc.replay_capacity}: holds {per_env} steps per env "
+                          f"(--run.num-envs {rc.num_envs}), fewer than one sampled window of {rc.window} "
+                          f"(--run.seq-len {rc.seq_len}{' + 1 context step' if rc.replay_context else ''}); "
+                          f"give at least {rc.window * rc.num_envs}")
+    if rc.eval_every and rc.eval_episodes < 1:
+        raise ConfigError(f"--run.eval-episodes {rc.eval_episodes}: must be >= 1 when --run.eval-every is set "
+                          f"({rc.eval_every}), e.g. --run.eval-episodes 5; or --run.eval-every 0 for none")

@@ -41,7 +41,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from worldmodels import agent as agent_lib
 from worldmodels.agent import ActionSpec, AgentState, PolicyCarry
 from worldmodels.checkpoint import Checkpointer
-from worldmodels.config import Config, dumps, to_dict
+from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_pad, replay_sample_windows,
                                 replay_stored, replay_stored_part, replay_update)
@@ -337,10 +337,15 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
 
     **Arguments:** see `DeviceLoop`.
 
-    **Returns:** a summary: env steps, updates, episodes, recent return, wall time, the first chunk's
+    A run that reaches its budget ends with `run.final_eval_episodes` greedy episodes, as the host
+    loop's does.
+
+    **Returns:** a summary: env steps, updates, episodes, the recent return (as the host loop's), the
+    greedy episodes at the end (`eval_return`, `eval_returns`), wall time, the first chunk's
     time (it includes compiling), env steps/s after the first chunk, the schedule, and the final
     agent `state` and `replay`.
     """
+    validate(config)  # before anything is built or compiled
     rc = config.run
     logdir = Path(rc.logdir)
     logdir.mkdir(parents=True, exist_ok=True)

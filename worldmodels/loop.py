@@ -32,7 +32,7 @@ import numpy as np
 from worldmodels import agent as agent_lib
 from worldmodels import spaces
 from worldmodels.checkpoint import Checkpointer
-from worldmodels.config import Config, dumps, to_dict
+from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import ReplayBuffer
 from worldmodels.resume import RESUME_MAY_CHANGE, ConfigMismatchError, StopOnInterrupt, check_resumable  # noqa: F401
@@ -103,9 +103,15 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     them in ``info["restarted"]``: their episode is dropped and the next step starts a new one),
     else in gymnasium's AsyncVectorEnv.
 
-    **Returns:** a summary: env steps, updates, the returns of the last episodes, wall time, and
+    A run that reaches its budget ends with `run.final_eval_episodes` greedy episodes (logged as
+    `eval` scores, printed beside the training return).
+
+    **Returns:** a summary: env steps, updates, episodes, `recent_return` (the mean return of the
+    `recent_episodes` that ended in the last `recent_window_steps` env steps), `eval_return` and
+    `eval_returns` (the greedy episodes at the end, when they ran), wall time, and
     `first_update_seconds`: seconds from the call to the end of the first update (set-up, init, compile).
     """
+    validate(config)  # before anything is built or compiled
     rc = config.run
     run_start = time.perf_counter()
     first_update_seconds = None  # from here to the end of the first update: set-up, init, compile

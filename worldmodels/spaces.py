@@ -15,6 +15,11 @@ SUPPORTED = "Box (vectors of any shape, or uint8 [H, W, C] images), Discrete, Mu
 def _leaf_spec(name: str, space: gym.Space) -> tuple[tuple[int, ...], str]:
     if isinstance(space, gym.spaces.Box):
         if len(space.shape) == 3 and space.dtype == np.uint8:
+            h, w, _ = space.shape
+            if h != w or h < 8 or h & (h - 1):  # the CNN halves a square side down to 4x4
+                raise TypeError(f"image observation {name!r} is {h}x{w}: the CNN needs a square side that is a "
+                                "power of two >= 8 (e.g. 64x64); resize it with "
+                                "gymnasium.wrappers.ResizeObservation(env, (64, 64))")
             return tuple(space.shape), "uint8"
         return (int(np.prod(space.shape)),), "float32"
     if isinstance(space, gym.spaces.Discrete):
