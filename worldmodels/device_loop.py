@@ -45,7 +45,7 @@ from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_pad, replay_sample_windows,
                                 replay_stored, replay_stored_part, replay_update)
-from worldmodels.resume import ConfigMismatchError, StopOnInterrupt, check_resumable
+from worldmodels.resume import ConfigMismatchError, StopOnInterrupt, check_resumable, restore_usable
 
 # How often the chunk has been traced (compiled); tests check it stays at one per DeviceLoop.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -363,18 +363,24 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
     recent = RecentReturns(recent_window(rc.steps))  # the episodes that ended in the run's last tenth
     ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
     if ckpt.latest_step() is not None:
-        saved_meta = ckpt.read_meta()
-        if saved_meta.get("loop") != "device":
-            raise ConfigMismatchError(f"{logdir} holds a run of the host loop: resume it without --device-loop, "
-                                      "or pass a new --run.logdir.")
-        # Checkpoints hold the replay's stored part (older ones the whole ring): the metadata says how much.
-        stored = saved_meta.get("replay_stored", loop.capacity_per_env)
-        part = lambda x: jax.ShapeDtypeStruct((x.shape[0], stored, *x.shape[2:]), x.dtype, sharding=x.sharding)
-        template = carry._replace(replay=carry.replay._replace(data=jax.tree.map(part, carry.replay.data)))
-        del carry  # its empty replay would stay in memory next to the restored one
-        restored, _, meta, _ = ckpt.restore({"carry": template}, None)
-        restored = fresh_buffers(restored["carry"])
-        carry = restored._replace(replay=replay_pad(restored.replay, loop.capacity_per_env))
+        # shapes only: the fresh carry's empty replay must not stay in memory next to the restored one
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), carry)
+        del carry
+
+        def restore_step(step: int) -> tuple[LoopCarry, dict]:
+            saved_meta = ckpt.read_meta(step)
+            if saved_meta.get("loop") != "device":
+                raise ConfigMismatchError(f"{logdir} holds a run of the host loop: resume it without --device-loop, "
+                                          "or pass a new --run.logdir.")
+            # Checkpoints hold the replay's stored part (older ones the whole ring): the metadata says how much.
+            stored = saved_meta.get("replay_stored", loop.capacity_per_env)
+            part = lambda x: jax.ShapeDtypeStruct((x.shape[0], stored, *x.shape[2:]), x.dtype, sharding=x.sharding)
+            template = like._replace(replay=like.replay._replace(data=jax.tree.map(part, like.replay.data)))
+            restored, _, meta, _ = ckpt.restore({"carry": template}, None, step=step)
+            restored = fresh_buffers(restored["carry"])
+            return restored._replace(replay=replay_pad(restored.replay, loop.capacity_per_env)), meta
+
+        carry, meta = restore_usable(ckpt, logdir, restore_step)
         counters = meta["counters"]
         recent.load(meta.get("recent_returns", []), int(carry.env_steps))
         print(f"resumed from {logdir} at env step {int(carry.env_steps)} ({int(carry.updates)} updates)")

@@ -35,7 +35,8 @@ from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import ReplayBuffer
-from worldmodels.resume import RESUME_MAY_CHANGE, ConfigMismatchError, StopOnInterrupt, check_resumable  # noqa: F401
+from worldmodels.resume import (RESUME_MAY_CHANGE, ConfigMismatchError, StopOnInterrupt,  # noqa: F401
+                                check_resumable, restore_usable)
 
 EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
 # env factories (no arguments) -> a vector env in NEXT_STEP autoreset mode, e.g. envs.parallel.ParallelVectorEnv
@@ -141,20 +142,24 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
     resumed = ckpt.latest_step() is not None
     if resumed:
-        saved_meta = ckpt.read_meta()
-        if saved_meta.get("loop") == "device":
-            raise ConfigMismatchError(f"{logdir} holds a run of the device loop: resume it with --device-loop, "
-                                      "or pass a new --run.logdir.")
-        agent_template = {"agent": state, "carry": carry, "key": key}
-        # The metadata gives the shapes that the replay's restore target needs: the stored steps (older
-        # checkpoints saved the whole ring) and the pending step.
-        replay_template = {**replay.state_template(saved_meta.get("replay_stored", replay.capacity_per_env)),
-                           "loop/episode_return": episode_return, "loop/episode_length": episode_length}
-        pending_keys = saved_meta["pending_keys"]
-        replay_template.update({f"pending/{k}": np.zeros(tuple(s), d) for k, (s, d) in pending_keys.items()})
-        restored, replay_state, meta, blobs = ckpt.restore(agent_template, replay_template)
+        def restore_step(step: int) -> tuple:
+            saved_meta = ckpt.read_meta(step)
+            if saved_meta.get("loop") == "device":
+                raise ConfigMismatchError(f"{logdir} holds a run of the device loop: resume it with --device-loop, "
+                                          "or pass a new --run.logdir.")
+            agent_template = {"agent": state, "carry": carry, "key": key}
+            # The metadata gives the shapes that the replay's restore target needs: the stored steps (older
+            # checkpoints saved the whole ring) and the pending step.
+            replay_template = {**replay.state_template(saved_meta.get("replay_stored", replay.capacity_per_env)),
+                               "loop/episode_return": episode_return, "loop/episode_length": episode_length}
+            pending_keys = saved_meta["pending_keys"]
+            replay_template.update({f"pending/{k}": np.zeros(tuple(s), d) for k, (s, d) in pending_keys.items()})
+            restored = ckpt.restore(agent_template, replay_template, step=step)
+            replay.load_state_dict({k: v for k, v in restored[1].items() if k.startswith(("data/", "counter/"))})
+            return restored
+
+        restored, replay_state, meta, blobs = restore_usable(ckpt, logdir, restore_step)
         state, carry, key = restored["agent"], restored["carry"], restored["key"]
-        replay.load_state_dict({k: v for k, v in replay_state.items() if k.startswith(("data/", "counter/"))})
         pending = {k[len("pending/"):]: v for k, v in replay_state.items() if k.startswith("pending/")}
         episode_return, episode_length = replay_state["loop/episode_return"], replay_state["loop/episode_length"]
         counters = meta["counters"]

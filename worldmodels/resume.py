@@ -1,5 +1,6 @@
 """What both training loops share around a run directory: the check that a resumed run has the same
-config, and the Ctrl-C handling that stops at a step boundary. Both loops import this module; it
+config, the fallback past a checkpoint that cannot be read, and the Ctrl-C handling that stops at a
+step boundary. Both loops import this module; it
 imports neither of them.
 """
 
@@ -7,9 +8,14 @@ from __future__ import annotations
 
 import json
 import signal
+import warnings
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
+from worldmodels.checkpoint import CheckpointMismatchError
 from worldmodels.config import Config, from_dict
+
+T = TypeVar("T")
 
 
 class ConfigMismatchError(ValueError):
@@ -64,3 +70,33 @@ class StopOnInterrupt:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """Every checkpoint of a run directory failed to read."""
+
+
+def restore_usable(checkpoints: Any, logdir: Path, restore_step: Callable[[int], T]) -> T:
+    """`restore_step(step)` for the newest checkpoint that reads; a corrupt or truncated one is skipped
+    with a warning that names it. A config mismatch is raised at once (every checkpoint has it).
+
+    **Arguments:** `checkpoints`: a `worldmodels.checkpoint.Checkpointer` with at least one step.
+
+    **Raises:** `NoUsableCheckpointError` naming the run and how to start fresh when none reads.
+    """
+    steps = checkpoints.all_steps()
+    failures = []
+    for step in reversed(steps):
+        try:
+            return restore_step(step)
+        except (ConfigMismatchError, CheckpointMismatchError):
+            raise
+        except Exception as e:  # a truncated file, a corrupt array or metadata: try the one before
+            failures.append(f"step {step} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            older = [s for s in steps if s < step]
+            if older:
+                warnings.warn(f"the checkpoint of step {step} in {checkpoints.directory} cannot be read "
+                              f"({type(e).__name__}); resuming from the one before it, step {older[-1]}")
+    raise NoUsableCheckpointError(
+        f"{logdir} has no usable checkpoint: {'; '.join(failures)}. To start the run afresh, pass a new "
+        f"--run.logdir (or delete {Path(logdir) / 'checkpoints'} and its logs).")
