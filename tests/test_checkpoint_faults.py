@@ -63,3 +63,31 @@ def test_device_loop_falls_back_past_corrupt_metadata(tmp_path):
     with pytest.warns(UserWarning, match="checkpoint of step 256 .* step 128"):
         resumed = loop.run_on_device(config(320), env, params, chunk_env_steps=64)
     assert resumed["env_steps"] == 320
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    from worldmodels.checkpoint import Checkpointer
+
+    save = Checkpointer.save
+
+    def disk_full_from_256(self, step, *args, **kwargs):
+        if step >= 256:  # as the disk fills up: every save from here on fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", disk_full_from_256)
+    with pytest.warns(UserWarning, match="is full: the checkpoint of step 256 was not written .* the checkpoint of "
+                                         "step 128 stays the one to resume from"):
+        summary = loop.run(debug_config(tmp_path, 320), cartpole)
+    assert summary["env_steps"] == 320  # the run went on to its end
+    monkeypatch.setattr(Checkpointer, "save", save)
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [128]
+    resumed = loop.run(debug_config(tmp_path, 320), cartpole)  # from the intact checkpoint of step 128
+    assert resumed["env_steps"] == 320 and resumed["updates"] == summary["updates"]
+    # any other error in a save is not hidden
+    monkeypatch.setattr(Checkpointer, "save", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError("denied")))
+    with pytest.raises(PermissionError):
+        loop.run(debug_config(tmp_path / "other", 200), cartpole)

@@ -45,7 +45,7 @@ from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_pad, replay_sample_windows,
                                 replay_stored, replay_stored_part, replay_update)
-from worldmodels.resume import ConfigMismatchError, StopOnInterrupt, check_resumable, restore_usable
+from worldmodels.resume import ConfigMismatchError, StopOnInterrupt, check_resumable, restore_usable, save_or_warn
 
 # How often the chunk has been traced (compiled); tests check it stays at one per DeviceLoop.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -391,10 +391,11 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
         stored = int(replay_stored(carry.replay))
         meta = {"loop": "device", "counters": counters, "recent_returns": recent.state(), "replay_stored": stored,
                 "config": to_dict(config)}
-        ckpt.save(int(carry.env_steps), {"carry": carry._replace(replay=replay_stored_part(carry.replay, stored))},
-                  None, meta, wait=wait)
-        counters["last_checkpoint"] = int(carry.env_steps)
-        saved.append(int(carry.env_steps))
+        step = int(carry.env_steps)
+        if save_or_warn(lambda: ckpt.save(step, {"carry": carry._replace(replay=replay_stored_part(carry.replay, stored))},
+                                          None, meta, wait=wait), step, ckpt):
+            saved.append(step)
+        counters["last_checkpoint"] = step  # after a full disk: the next try comes at the next interval
 
     logger = RunLogger(logdir, rc.tensorboard, start_step=int(carry.env_steps))
     env_steps, updates = int(carry.env_steps), int(carry.updates)

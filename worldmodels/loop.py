@@ -36,7 +36,7 @@ from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import ReplayBuffer
 from worldmodels.resume import (RESUME_MAY_CHANGE, ConfigMismatchError, StopOnInterrupt,  # noqa: F401
-                                check_resumable, restore_usable)
+                                check_resumable, restore_usable, save_or_warn)
 
 EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
 # env factories (no arguments) -> a vector env in NEXT_STEP autoreset mode, e.g. envs.parallel.ParallelVectorEnv
@@ -228,10 +228,11 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                 "replay_stored": replay.stored_per_env,
                 "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in pending.items()},
                 "config": to_dict(config)}
-        ckpt.save(counters["env_steps"], {"agent": state, "carry": carry, "key": key}, replay_state, meta,
-                  blobs, wait=wait)
-        counters["last_checkpoint"] = counters["env_steps"]
-        saved.append(counters["env_steps"])
+        step = counters["env_steps"]
+        if save_or_warn(lambda: ckpt.save(step, {"agent": state, "carry": carry, "key": key}, replay_state, meta,
+                                          blobs, wait=wait), step, ckpt):
+            saved.append(step)
+        counters["last_checkpoint"] = step  # after a full disk: the next try comes at the next interval
 
     def log_metrics(steps: int) -> None:
         nonlocal pending_metrics

@@ -6,6 +6,7 @@ imports neither of them.
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import warnings
@@ -100,3 +101,28 @@ def restore_usable(checkpoints: Any, logdir: Path, restore_step: Callable[[int],
     raise NoUsableCheckpointError(
         f"{logdir} has no usable checkpoint: {'; '.join(failures)}. To start the run afresh, pass a new "
         f"--run.logdir (or delete {Path(logdir) / 'checkpoints'} and its logs).")
+
+
+def _disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+def save_or_warn(save: Callable[[], Any], step: int, checkpoints: Any) -> bool:
+    """Run a checkpoint `save`; a full disk (ENOSPC, EDQUOT, also inside orbax's or tensorstore's
+    errors) is a warning, not a crash: the previous checkpoint stays the one to resume from and
+    training goes on. Any other error is raised. **Returns:** whether it saved."""
+    try:
+        save()
+        return True
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        previous = [s for s in checkpoints.all_steps() if s < step]
+        kept = (f"the checkpoint of step {previous[-1]} stays the one to resume from" if previous
+                else "there is no checkpoint to resume from yet")
+        warnings.warn(f"the disk of {checkpoints.directory} is full: the checkpoint of step {step} was not "
+                      f"written ({type(e).__name__}: {e}); {kept}. Training goes on; free some space for the "
+                      "next checkpoint")
+        return False
