@@ -65,6 +65,20 @@ def _describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+def _check_output(space: Any, obs: Any, reward: float) -> None:
+    """Raise (so that the parent restarts this env and drops its episode, as for a crash) if a step
+    returned an observation of the wrong shape, NaN/inf in a float observation, or a NaN/inf reward."""
+    leaves = space.spaces.items() if isinstance(space, gym.spaces.Dict) else [("observation", space)]
+    for key, leaf in leaves:
+        value = np.asarray(obs[key] if isinstance(space, gym.spaces.Dict) else obs)
+        if value.shape != tuple(leaf.shape):
+            raise ValueError(f"the env returned shape {value.shape} for {key!r}, not its space's {tuple(leaf.shape)}")
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise ValueError(f"the env returned non-finite values for {key!r}")
+    if not np.isfinite(reward):
+        raise ValueError(f"the env returned a non-finite reward ({reward})")
+
+
 def _worker(conn: Connection, env_fn_bytes: bytes) -> None:
     """A worker process: build the env, then serve commands until "close" or the pipe closes.
 
@@ -87,6 +101,7 @@ def _worker(conn: Connection, env_fn_bytes: bytes) -> None:
                     reward, terminated, truncated = 0.0, False, False
                 else:
                     obs, reward, terminated, truncated, info = env.step(data)
+                _check_output(env.observation_space, obs, float(reward))
                 autoreset = bool(terminated or truncated)
                 conn.send(("ok", (obs, float(reward), bool(terminated), bool(truncated), info)))
             elif command == "reset":

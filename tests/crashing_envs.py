@@ -83,3 +83,24 @@ def make_env(seed: int | None = None, crash: dict | None = None, crash_seed: int
     if seed is not None:
         env.action_space.seed(seed)
     return env
+
+
+class NaNEnv(CounterEnv):
+    """A CounterEnv whose step number `at` (counted from reset) returns NaN in `where`: "reward" or
+    "obs"; "shape" returns a wrongly shaped observation instead."""
+
+    def __init__(self, at: int = 3, where: str = "reward"):
+        super().__init__(max_steps=50, end_prob=0.0)
+        self.at, self.where = at, where
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        if self.t == self.at:
+            if self.where == "reward":
+                reward = float("nan")
+            elif self.where == "obs":
+                obs = obs.copy()
+                obs[1] = np.inf
+            else:
+                obs = obs[:2]
+        return obs, reward, terminated, truncated, info

@@ -43,6 +43,10 @@ EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
 VectorEnvFn = Callable[[list[Callable[[], gym.Env]]], gym.vector.VectorEnv]
 
 
+class EnvOutputError(ValueError):
+    """An env returned an observation or reward the agent cannot learn from (NaN, inf, wrong shape)."""
+
+
 def _make_vector_env(env_fn: EnvFn, config: Config,
                      parallel_vector_env: VectorEnvFn | None = None) -> gym.vector.VectorEnv:
     # partial, not a closure over `config`: env processes unpickle the factories, and the config
@@ -275,6 +279,12 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                 replay.add({**pending, **latent})
                 done = pending["is_last"]
                 obs, reward, terminated, truncated, info = envs.step(spaces.env_actions(act_space, action))
+                problem = spaces.output_problem(obs_space, obs, reward, n)
+                if problem is not None:  # before it reaches replay (parallel envs restart such an env themselves)
+                    i, name, what = problem
+                    raise EnvOutputError(f"env {rc.env!r} (env {i} of {n}) returned {what} for {name!r} at env step "
+                                         f"{counters['env_steps'] + n}; fix or wrap the env, or run it with "
+                                         "--run.parallel-envs, which restarts an env that does this")
                 # envs that had finished were reset by this step (NEXT_STEP autoreset); a restarted env
                 # process also starts a new episode here, and its unfinished one is dropped (not scored)
                 first = done | np.asarray(info.get("restarted", np.zeros(n, bool)), bool)

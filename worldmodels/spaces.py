@@ -80,3 +80,28 @@ def step_spec(space: gym.Space, action: ActionSpec) -> Mapping[str, tuple[tuple[
     """Everything one stored step holds: observations, the action into the step, reward and flags."""
     return {**obs_spec(space), "action": ((action.dim,), "float32"), "reward": ((), "float32"),
             "is_first": ((), "bool"), "is_last": ((), "bool"), "is_terminal": ((), "bool")}
+
+
+def output_problem(space: gym.Space, obs: Any, reward: Any, num_envs: int) -> tuple[int, str, str] | None:
+    """What is wrong with a vector env's step output, if anything: (env index, key, what), for an
+    observation of the wrong shape or with NaN/inf values, or a NaN/inf reward. None if it is fine.
+
+    **Arguments:** `obs` batched like the vector env's observation (`[num_envs, ...]` per key),
+    `reward` `[num_envs]`; `space` is a single env's observation space.
+    """
+    leaves = space.spaces.items() if isinstance(space, gym.spaces.Dict) else [("observation", space)]
+    for key, leaf in leaves:
+        value = np.asarray(obs[key] if isinstance(space, gym.spaces.Dict) else obs)
+        expected = (num_envs, *leaf.shape) if leaf.shape else (num_envs,)
+        if value.shape != expected:
+            return 0, key, f"shape {value.shape[1:]} instead of the space's {tuple(leaf.shape)}"
+        if np.issubdtype(value.dtype, np.floating):
+            bad = ~np.isfinite(value.reshape(num_envs, -1)).all(axis=1)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                return i, key, f"non-finite values ({value[i].ravel()[~np.isfinite(value[i].ravel())][0]})"
+    rewards = np.asarray(reward, np.float64).reshape(-1)
+    if not np.isfinite(rewards).all():
+        i = int(np.flatnonzero(~np.isfinite(rewards))[0])
+        return i, "reward", f"a non-finite reward ({rewards[i]})"
+    return None
