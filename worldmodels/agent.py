@@ -306,11 +306,20 @@ def _train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
     wm, actor, critic = eqx.apply_updates(state.params, updates)
     rate = state.config.actor_critic.slow_rate
     slow = jax.tree.map(lambda s, c: (1 - rate) * s + rate * c, state.slow_critic, critic)
-    metrics.update({"loss/total": loss, "grad_norm": optax.global_norm(grads),
-                    "update_norm": optax.global_norm(updates)})
+    grad_norm = optax.global_norm(grads)
+    # The non-finite guard: an update whose loss or gradients are not finite is skipped, inside the
+    # program (no host sync): the state stays as it was, and so do the replayed steps' stored latents.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics.update({"loss/total": loss, "grad_norm": grad_norm, "update_norm": optax.global_norm(updates),
+                    "train/skipped": 1.0 - finite.astype(jnp.float32)})
     new = eqx.tree_at(lambda s: (s.world_model, s.actor, s.critic, s.slow_critic, s.opt_state, s.retnorm, s.step),
                       state, (wm, actor, critic, slow, opt_state, retnorm, state.step + 1))
-    return new, metrics, _latent_keys(state.world_model.dynamics.entry(post))
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    latents = _latent_keys(state.world_model.dynamics.entry(post))
+    stored = {k: batch[k][:, 1:] for k in latents if k in batch}
+    if stored:
+        latents = {k: jnp.where(finite, v, stored[k].astype(v.dtype)) for k, v in latents.items()}
+    return new, metrics, latents
 
 
 def _optimizer(config: OptimConfig):
@@ -338,6 +347,9 @@ def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
           ) -> tuple[AgentState, dict[str, Array], dict[str, Array]]:
     """One update on a replayed batch (`[B, T, ...]` per key; see `WorldModel.loss`). With `LATENT`
     keys the batch has T + 1 steps and the first is context (see the module docstring).
+
+    An update whose loss or gradients are not finite is skipped: the state comes back unchanged,
+    the latents are the batch's own, and the metric `train/skipped` is 1 (else 0).
 
     **Returns:** (the new state, scalar metrics, the posterior latents of the T trained steps:
     `LATENT` keys `[B, T, ...]`, to write back to replay). The old `state`'s buffers are donated:

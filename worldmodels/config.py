@@ -35,6 +35,9 @@ class RunConfig:
     eval_every: int = 0  # environment steps between greedy evaluations (0: never)
     eval_episodes: int = 5
     final_eval_episodes: int = 5  # greedy episodes at the end of the run, beside the training return (0: none)
+    # Updates in a row with a non-finite loss or gradient (each skipped, the state unchanged) after
+    # which the host loop stops, writing the batch to the run dir (0: never stop)
+    max_skipped_updates: int = 20
     log_every: int = 1000  # environment steps between metric logs
     checkpoint_every: int = 10_000  # environment steps between checkpoints (and at exit)
     seed: int = 0
@@ -171,7 +174,7 @@ _AT_LEAST_ONE = ("run.num_envs", "run.steps", "run.batch_size", "run.seq_len", "
                  "agent.world_model.sequence.s3m.hippo_blocks", "agent.actor_critic.units",
                  "agent.actor_critic.horizon", "agent.actor_critic.bins")
 _AT_LEAST_ZERO = ("run.train_ratio", "run.train_start", "run.eval_every", "run.eval_episodes",
-                  "run.final_eval_episodes", "run.checkpoint_every", "agent.world_model.layers",
+                  "run.final_eval_episodes", "run.checkpoint_every", "run.max_skipped_updates", "agent.world_model.layers",
                   "agent.world_model.head_layers", "agent.world_model.head_units", "agent.world_model.cnn_depth",
                   "agent.world_model.free_nats", "agent.optim.warmup", "agent.optim.weight_decay",
                   "agent.actor_critic.entropy", "agent.actor_critic.layers", "agent.actor_critic.repval_scale")

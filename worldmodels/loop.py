@@ -43,6 +43,10 @@ EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
 VectorEnvFn = Callable[[list[Callable[[], gym.Env]]], gym.vector.VectorEnv]
 
 
+class NonFiniteUpdatesError(FloatingPointError):
+    """Too many updates in a row had a non-finite loss or gradient (see `run.max_skipped_updates`)."""
+
+
 class EnvOutputError(ValueError):
     """An env returned an observation or reward the agent cannot learn from (NaN, inf, wrong shape)."""
 
@@ -215,6 +219,8 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     eval_env = env_fn(rc.seed + 100_000) if rc.eval_every else None
     replayed_per_update = rc.batch_size * rc.seq_len
     pending_metrics: list[dict] = []
+    unchecked: list[dict] = []  # metrics of the updates not yet checked for skips
+    skipped_in_a_row = 0
     start_time, start_steps, start_updates = time.time(), counters["env_steps"], counters["updates"]
 
     saved: list[int] = []  # the steps checkpointed by this call
@@ -238,6 +244,31 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
             saved.append(step)
         counters["last_checkpoint"] = step  # after a full disk: the next try comes at the next interval
 
+    def check_skipped(batch: dict[str, np.ndarray]) -> None:
+        """Stop the run after `run.max_skipped_updates` updates in a row that the non-finite guard
+        skipped, writing the last one's batch to the run dir (the last checkpoint stays resumable)."""
+        nonlocal skipped_in_a_row
+        flags = jax.device_get([m["train/skipped"] for m in unchecked])
+        for flag in flags:
+            skipped_in_a_row = skipped_in_a_row + 1 if flag else 0
+        last = jax.device_get(unchecked[-1])
+        unchecked.clear()
+        if skipped_in_a_row < rc.max_skipped_updates:
+            return
+        path = logdir / f"nonfinite_batch_update{counters['updates']}.npz"
+        np.savez_compressed(path, **batch)
+        # the loss terms in the order the update computes them: the world model's, then the critic's and actor's
+        later = ["loss/repval", "loss/critic", "loss/actor", "loss/world_model", "loss/total"]
+        order = sorted(k for k in last if k.startswith("loss/") and k not in later) + later
+        terms = [k for k in order if k in last and not np.isfinite(last[k])]
+        previous = ckpt.all_steps()
+        raise NonFiniteUpdatesError(
+            f"{skipped_in_a_row} updates in a row had a non-finite loss or gradient, the last at env step "
+            f"{counters['env_steps']} (update {counters['updates']}); its first non-finite loss term: "
+            f"{terms[0] if terms else 'none (the gradients)'}. Its batch is in {path}. "
+            + (f"The checkpoint of step {previous[-1]} is the last good one: resume from it after a fix (e.g. a "
+               "lower --agent.optim.lr)." if previous else "There is no checkpoint yet."))
+
     def log_metrics(steps: int) -> None:
         nonlocal pending_metrics
         elapsed = max(time.time() - start_time, 1e-9)
@@ -251,6 +282,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         if pending_metrics:
             stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending_metrics))
             values.update({k: float(np.mean(v)) for k, v in stacked.items()})
+            values["train/skipped_updates"] = int(np.sum(stacked["train/skipped"]))
             pending_metrics = []
         logger.metrics(steps, values)
         if progress is not None:
@@ -315,8 +347,11 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                             jax.block_until_ready(metrics)
                             first_update_seconds = time.perf_counter() - run_start
                         pending_metrics.append(metrics)
+                        unchecked.append(metrics)
                         counters["updates"] += 1
                         counters["train_credit"] -= 1.0
+                        if rc.max_skipped_updates and len(unchecked) >= rc.max_skipped_updates:
+                            check_skipped(batch)  # one host sync per max_skipped_updates updates
 
                 # 3. log, evaluate, checkpoint
                 steps = counters["env_steps"]

@@ -25,7 +25,7 @@ class ConfigMismatchError(ValueError):
 
 # What a resumed run may change; every other run option shapes the replay or the training schedule.
 RESUME_MAY_CHANGE = {"steps", "log_every", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
-                     "logdir", "tensorboard", "progress"}
+                     "max_skipped_updates", "logdir", "tensorboard", "progress"}
 
 
 def check_resumable(logdir: Path, config: Config) -> None:
