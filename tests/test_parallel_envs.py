@@ -143,7 +143,8 @@ def loop_config(logdir, **run):
 
 
 def scores(logdir):
-    return [json.loads(line) for line in (logdir / "scores.jsonl").open()]
+    """The training episodes (the greedy ones at the end run on an env that `make_env` does not seed)."""
+    return [r for r in map(json.loads, (logdir / "scores.jsonl").open()) if r["mode"] == "train"]
 
 
 def test_loop_with_parallel_envs_matches_sync_envs(tmp_path):
