@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -184,8 +187,6 @@ _EXAMPLES = {"run.batch_size": 16, "run.seq_len": 64, "run.steps": 12_000, "run.
 
 def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """(dotted path, value, declared type) of every option of a config dataclass."""
-    import typing
-
     hints = typing.get_type_hints(type(obj))
     out = []
     for f in dataclasses.fields(obj):
@@ -199,12 +200,10 @@ def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
 
 def _type_problem(value: Any, hint: Any) -> str | None:
     """None if `value` fits the declared type `hint`, else what was expected."""
-    import typing
-
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
         return None if value in args else f"one of {', '.join(map(repr, args))}"
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return None if any(_type_problem(value, a) is None for a in args) else \
             " or ".join(getattr(a, "__name__", str(a)) for a in args)
     if hint is type(None):
@@ -228,8 +227,6 @@ def validate(config: Config) -> None:
     **Raises:** `ConfigError` with one line that names the first bad option (as its CLI flag), the
     value given and a valid value.
     """
-    import math
-
     def bad(path: str, value: Any, want: str) -> ConfigError:
         example = f" (e.g. {_flag(path)} {_EXAMPLES[path]})" if path in _EXAMPLES else ""
         return ConfigError(f"{_flag(path)} {value!r}: must be {want}{example}")

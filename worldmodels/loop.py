@@ -248,10 +248,9 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
         """Stop the run after `run.max_skipped_updates` updates in a row that the non-finite guard
         skipped, writing the last one's batch to the run dir (the last checkpoint stays resumable)."""
         nonlocal skipped_in_a_row
-        flags = jax.device_get([m["train/skipped"] for m in unchecked])
+        flags, last = jax.device_get(([m["train/skipped"] for m in unchecked], unchecked[-1]))  # one transfer
         for flag in flags:
             skipped_in_a_row = skipped_in_a_row + 1 if flag else 0
-        last = jax.device_get(unchecked[-1])
         unchecked.clear()
         if skipped_in_a_row < rc.max_skipped_updates:
             return
