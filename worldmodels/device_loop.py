@@ -392,10 +392,12 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
         meta = {"loop": "device", "counters": counters, "recent_returns": recent.state(), "replay_stored": stored,
                 "config": to_dict(config)}
         step = int(carry.env_steps)
+        # set before the save, so that the checkpoint holds it (a resumed run does not save again at once),
+        # and after a full disk the next try comes at the next interval
+        counters["last_checkpoint"] = step
         if save_or_warn(lambda: ckpt.save(step, {"carry": carry._replace(replay=replay_stored_part(carry.replay, stored))},
                                           None, meta, wait=wait), step, ckpt):
             saved.append(step)
-        counters["last_checkpoint"] = step  # after a full disk: the next try comes at the next interval
 
     logger = RunLogger(logdir, rc.tensorboard, start_step=int(carry.env_steps))
     env_steps, updates = int(carry.env_steps), int(carry.updates)

@@ -239,10 +239,12 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
                 "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in pending.items()},
                 "config": to_dict(config)}
         step = counters["env_steps"]
+        # set before the save, so that the checkpoint holds it (a resumed run does not save again at once),
+        # and after a full disk the next try comes at the next interval
+        counters["last_checkpoint"] = step
         if save_or_warn(lambda: ckpt.save(step, {"agent": state, "carry": carry, "key": key}, replay_state, meta,
                                           blobs, wait=wait), step, ckpt):
             saved.append(step)
-        counters["last_checkpoint"] = step  # after a full disk: the next try comes at the next interval
 
     def check_skipped(batch: dict[str, np.ndarray]) -> None:
         """Stop the run after `run.max_skipped_updates` updates in a row that the non-finite guard
