@@ -121,45 +121,105 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     `first_update_seconds`: seconds from the call to the end of the first update (set-up, init, compile).
     """
     validate(config)  # before anything is built or compiled
-    rc = config.run
-    run_start = time.perf_counter()
-    first_update_seconds = None  # from here to the end of the first update: set-up, init, compile
-    logdir = Path(rc.logdir)
-    logdir.mkdir(parents=True, exist_ok=True)
-    check_resumable(logdir, config)
+    host = HostRun(config, env_fn, parallel_vector_env)  # set up, or resume from the last checkpoint
+    clean_exit = False
+    try:
+        with StopOnInterrupt() as interrupt:
+            while not host.budget_spent() and not interrupt.stop:
+                host.collect()
+                host.train()
+                host.log_evaluate_checkpoint()
+            host.final_evaluation()
+        clean_exit = True
+    finally:
+        host.close(clean_exit)
+    return host.summary()
 
-    envs = _make_vector_env(env_fn, config, parallel_vector_env)
-    obs_space, act_space = envs.single_observation_space, envs.single_action_space
-    obs_spec = spaces.obs_spec(obs_space)
-    act_spec = spaces.action_spec(act_space)
-    n = rc.num_envs
-    state = agent_lib.init(config.agent, obs_spec, act_spec, jax.random.PRNGKey(rc.seed))
-    print(f"agent: {agent_lib.count_params(state.params):,} parameters; observations {obs_spec}; actions {act_spec}")
-    latent_spec = agent_lib.latent_spec(state) if rc.replay_context else {}
-    replay = ReplayBuffer({**spaces.step_spec(obs_space, act_spec), **latent_spec}, rc.replay_capacity, n)
-    print(replay.describe())
-    key = jax.random.PRNGKey(rc.seed + 1)
-    rng = np.random.default_rng(rc.seed)
-    carry = agent_lib.initial_carry(state, n)
-    counters = {"env_steps": 0, "updates": 0, "episodes": 0, "train_credit": 0.0, "last_log": 0,
-                "last_eval": 0, "last_checkpoint": 0}
-    pending: dict[str, np.ndarray] = {}  # the step observed but not yet stored
-    episode_return, episode_length = np.zeros(n), np.zeros(n, np.int64)
 
-    recent = RecentReturns(recent_window(rc.steps))  # the episodes that ended in the run's last tenth
-    ckpt = Checkpointer(logdir / "checkpoints", max_to_keep=2)
-    resumed = ckpt.latest_step() is not None
-    if resumed:
+class HostRun:
+    """The host loop's phases over one run directory, and the state they share.
+
+    `__init__` sets up (envs, agent, replay) or resumes from the last usable checkpoint and starts
+    compiling the train step; each iteration of `run` then calls `collect` (one vector step),
+    `train` (the updates the train ratio owes) and `log_evaluate_checkpoint`; `final_evaluation`
+    and `close` end it.
+    """
+
+    def __init__(self, config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None = None):
+        rc = self.rc = config.run
+        self.config, self.env_fn = config, env_fn
+        self.run_start = time.perf_counter()
+        self.first_update_seconds = None  # from here to the end of the first update: set-up, init, compile
+        self.logdir = Path(rc.logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        check_resumable(self.logdir, config)
+
+        self.envs = _make_vector_env(env_fn, config, parallel_vector_env)
+        try:
+            self._set_up()
+        except BaseException:
+            self.envs.close()
+            raise
+        self._start_compiling_train_step()
+        if not self.pending:
+            self._reset_envs()
+        self.logger = RunLogger(self.logdir, rc.tensorboard, start_step=self.counters["env_steps"])
+        self.eval_env = env_fn(rc.seed + 100_000) if rc.eval_every else None
+        self.pending_metrics: list[dict] = []
+        self.unchecked: list[dict] = []  # metrics of the updates not yet checked for skips
+        self.skipped_in_a_row = 0
+        self.start_time, self.start_steps = time.time(), self.counters["env_steps"]
+        self.start_updates = self.counters["updates"]
+        self.saved: list[int] = []  # the steps checkpointed by this call
+        self.final_eval: dict[str, Any] = {}
+        self.progress = None
+        if rc.progress:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=rc.steps, initial=self.counters["env_steps"], unit="step", dynamic_ncols=True)
+
+    # -- set up or resume --------------------------------------------------------------------
+
+    def _set_up(self) -> None:
+        """The agent, replay, counters and PRNG state: fresh, or restored from the last usable checkpoint."""
+        rc, envs = self.rc, self.envs
+        self.obs_space, self.act_space = envs.single_observation_space, envs.single_action_space
+        self.act_spec = spaces.action_spec(self.act_space)
+        obs_spec = spaces.obs_spec(self.obs_space)
+        n = self.n = rc.num_envs
+        self.state = agent_lib.init(self.config.agent, obs_spec, self.act_spec, jax.random.PRNGKey(rc.seed))
+        print(f"agent: {agent_lib.count_params(self.state.params):,} parameters; observations {obs_spec}; "
+              f"actions {self.act_spec}")
+        latent_spec = agent_lib.latent_spec(self.state) if rc.replay_context else {}
+        self.replay = ReplayBuffer({**spaces.step_spec(self.obs_space, self.act_spec), **latent_spec},
+                                   rc.replay_capacity, n)
+        print(self.replay.describe())
+        self.key = jax.random.PRNGKey(rc.seed + 1)
+        self.rng = np.random.default_rng(rc.seed)
+        self.carry = agent_lib.initial_carry(self.state, n)
+        self.counters = {"env_steps": 0, "updates": 0, "episodes": 0, "train_credit": 0.0, "last_log": 0,
+                         "last_eval": 0, "last_checkpoint": 0}
+        self.pending: dict[str, np.ndarray] = {}  # the step observed but not yet stored
+        self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, np.int64)
+        self.recent = RecentReturns(recent_window(rc.steps))  # the episodes that ended in the run's last tenth
+        self.ckpt = Checkpointer(self.logdir / "checkpoints", max_to_keep=2)
+        if self.ckpt.latest_step() is not None:
+            self._resume()
+        (self.logdir / "config.json").write_text(dumps(self.config))
+
+    def _resume(self) -> None:
+        ckpt, logdir, replay = self.ckpt, self.logdir, self.replay
+
         def restore_step(step: int) -> tuple:
             saved_meta = ckpt.read_meta(step)
             if saved_meta.get("loop") == "device":
                 raise ConfigMismatchError(f"{logdir} holds a run of the device loop: resume it with --device-loop, "
                                           "or pass a new --run.logdir.")
-            agent_template = {"agent": state, "carry": carry, "key": key}
+            agent_template = {"agent": self.state, "carry": self.carry, "key": self.key}
             # The metadata gives the shapes that the replay's restore target needs: the stored steps (older
             # checkpoints saved the whole ring) and the pending step.
             replay_template = {**replay.state_template(saved_meta.get("replay_stored", replay.capacity_per_env)),
-                               "loop/episode_return": episode_return, "loop/episode_length": episode_length}
+                               "loop/episode_return": self.episode_return, "loop/episode_length": self.episode_length}
             pending_keys = saved_meta["pending_keys"]
             replay_template.update({f"pending/{k}": np.zeros(tuple(s), d) for k, (s, d) in pending_keys.items()})
             restored = ckpt.restore(agent_template, replay_template, step=step)
@@ -167,240 +227,252 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
             return restored
 
         restored, replay_state, meta, blobs = restore_usable(ckpt, logdir, restore_step)
-        state, carry, key = restored["agent"], restored["carry"], restored["key"]
-        pending = {k[len("pending/"):]: v for k, v in replay_state.items() if k.startswith("pending/")}
-        episode_return, episode_length = replay_state["loop/episode_return"], replay_state["loop/episode_length"]
-        counters = meta["counters"]
-        recent.load(meta.get("recent_returns", []), counters["env_steps"])
-        rng.bit_generator.state = meta["rng"]
+        self.state, self.carry, self.key = restored["agent"], restored["carry"], restored["key"]
+        self.pending = {k[len("pending/"):]: v for k, v in replay_state.items() if k.startswith("pending/")}
+        self.episode_return = replay_state["loop/episode_return"]
+        self.episode_length = replay_state["loop/episode_length"]
+        self.counters = meta["counters"]
+        self.recent.load(meta.get("recent_returns", []), self.counters["env_steps"])
+        self.rng.bit_generator.state = meta["rng"]
         saved_envs = None
-        if "envs" in blobs and not rc.parallel_envs:
+        if "envs" in blobs and not self.rc.parallel_envs:
             try:
                 saved_envs = pickle.loads(blobs["envs"])
             except Exception as e:  # e.g. wrappers that forward attribute lookups before they are set up
                 warnings.warn(f"the saved environments could not be unpickled ({e!r}): they restart with new "
                               "episodes")
         if saved_envs is not None:
-            _set_env_state(envs, saved_envs)
+            _set_env_state(self.envs, saved_envs)
         else:
             if "envs" not in blobs:
                 warnings.warn("environment state was not saved with the checkpoint (not picklable): the "
                               "envs restart with new episodes")
-            pending = {}
-        print(f"resumed from {logdir} at env step {counters['env_steps']} ({counters['updates']} updates)")
-    (logdir / "config.json").write_text(dumps(config))
+            self.pending = {}
+        print(f"resumed from {logdir} at env step {self.counters['env_steps']} ({self.counters['updates']} updates)")
 
-    # The train step compiles in a thread while the envs take their first steps (train_start): XLA's
-    # compile releases the GIL, so the envs and the policy mostly run on the other core meanwhile. It is
-    # traced and lowered here, under the caller's thread-local JAX settings (e.g. jax.default_device),
-    # and for the restored state and key when resuming (restored arrays are committed to a device): both
-    # are part of jit's cache key.
-    background = ThreadPoolExecutor(1, thread_name_prefix="compile-train")
-    batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, rc.window, *shape), dtype)
-                    for k, (shape, dtype) in replay.spec.items()}
-    train_compiled = Future()
-    if rc.train_ratio > 0 and rc.steps > max(rc.train_start, counters["env_steps"]):
-        try:
-            train_compiled = background.submit(agent_lib.lower_train(state, batch_shapes, key).compile)
-        except Exception as e:  # raised at the first update, as a compile error is, so the clean-up below runs
-            train_compiled.set_exception(e)
-    else:  # no updates to come
-        train_compiled.set_result(None)
+    def _start_compiling_train_step(self) -> None:
+        """The train step compiles in a thread while the envs take their first steps (train_start): XLA's
+        compile releases the GIL, so the envs and the policy mostly run on the other core meanwhile. It is
+        traced and lowered here, under the caller's thread-local JAX settings (e.g. jax.default_device),
+        and for the restored state and key when resuming (restored arrays are committed to a device): both
+        are part of jit's cache key."""
+        rc = self.rc
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="compile-train")
+        batch_shapes = {k: jax.ShapeDtypeStruct((rc.batch_size, rc.window, *shape), dtype)
+                        for k, (shape, dtype) in self.replay.spec.items()}
+        self.train_compiled = Future()
+        if rc.train_ratio > 0 and rc.steps > max(rc.train_start, self.counters["env_steps"]):
+            try:
+                self.train_compiled = self.background.submit(
+                    agent_lib.lower_train(self.state, batch_shapes, self.key).compile)
+            except Exception as e:  # raised at the first update, as a compile error is, so the clean-up runs
+                self.train_compiled.set_exception(e)
+        else:  # no updates to come
+            self.train_compiled.set_result(None)
 
-    if not pending:
-        obs, _ = envs.reset(seed=rc.seed + 7919 * counters["env_steps"])
-        pending = {**spaces.batch_obs(obs_space, obs, n), "reward": np.zeros(n, np.float32),
-                   "is_first": np.ones(n, bool), "is_last": np.zeros(n, bool), "is_terminal": np.zeros(n, bool),
-                   "action": np.zeros((n, act_spec.dim), np.float32)}
-        episode_return[:], episode_length[:] = 0.0, 0
-        carry = agent_lib.initial_carry(state, n)
+    def _reset_envs(self) -> None:
+        """New episodes in every env: the first run, or a resume without the envs' saved state."""
+        n, rc = self.n, self.rc
+        obs, _ = self.envs.reset(seed=rc.seed + 7919 * self.counters["env_steps"])
+        self.pending = {**spaces.batch_obs(self.obs_space, obs, n), "reward": np.zeros(n, np.float32),
+                        "is_first": np.ones(n, bool), "is_last": np.zeros(n, bool), "is_terminal": np.zeros(n, bool),
+                        "action": np.zeros((n, self.act_spec.dim), np.float32)}
+        self.episode_return[:], self.episode_length[:] = 0.0, 0
+        self.carry = agent_lib.initial_carry(self.state, n)
 
-    logger = RunLogger(logdir, rc.tensorboard, start_step=counters["env_steps"])
-    eval_env = env_fn(rc.seed + 100_000) if rc.eval_every else None
-    replayed_per_update = rc.batch_size * rc.seq_len
-    pending_metrics: list[dict] = []
-    unchecked: list[dict] = []  # metrics of the updates not yet checked for skips
-    skipped_in_a_row = 0
-    start_time, start_steps, start_updates = time.time(), counters["env_steps"], counters["updates"]
+    # -- the loop's phases -----------------------------------------------------------------
 
-    saved: list[int] = []  # the steps checkpointed by this call
+    def budget_spent(self) -> bool:
+        return self.counters["env_steps"] >= self.rc.steps
 
-    def checkpoint(wait: bool = False) -> None:
+    def collect(self) -> None:
+        """Act on the pending step, store it (with the latent the policy inferred), step the envs."""
+        rc, n, counters = self.rc, self.n, self.counters
+        self.key, k_act = jax.random.split(self.key)
+        obs_in = {k: v for k, v in self.pending.items() if k not in ("action", "reward", "is_last", "is_terminal")}
+        action, self.carry = agent_lib.policy(self.state, self.carry, obs_in, k_act)
+        latent = agent_lib.replay_latent(self.state, self.carry) if rc.replay_context else {}
+        action, latent = jax.device_get((action, latent))  # one wait for both
+        self.replay.add({**self.pending, **latent})
+        done = self.pending["is_last"]
+        obs, reward, terminated, truncated, info = self.envs.step(spaces.env_actions(self.act_space, action))
+        problem = spaces.output_problem(self.obs_space, obs, reward, n)
+        if problem is not None:  # before it reaches replay (parallel envs restart such an env themselves)
+            i, name, what = problem
+            raise EnvOutputError(f"env {rc.env!r} (env {i} of {n}) returned {what} for {name!r} at env step "
+                                 f"{counters['env_steps'] + n}; fix or wrap the env, or run it with "
+                                 "--run.parallel-envs, which restarts an env that does this")
+        # envs that had finished were reset by this step (NEXT_STEP autoreset); a restarted env
+        # process also starts a new episode here, and its unfinished one is dropped (not scored)
+        first = done | np.asarray(info.get("restarted", np.zeros(n, bool)), bool)
+        is_last = (terminated | truncated) & ~first
+        self.pending = {**spaces.batch_obs(self.obs_space, obs, n), "reward": np.asarray(reward, np.float32),
+                        "is_first": first, "is_last": is_last, "is_terminal": terminated & ~first,
+                        "action": np.where(first[:, None], 0.0, action).astype(np.float32)}
+        self.episode_return = np.where(first, 0.0, self.episode_return + self.pending["reward"])
+        self.episode_length = np.where(first, 0, self.episode_length + 1)
+        counters["env_steps"] += n
+        for i in np.flatnonzero(is_last):
+            counters["episodes"] += 1
+            self.recent.add(counters["env_steps"], float(self.episode_return[i]))
+            self.logger.score(counters["env_steps"], "train", self.episode_return[i], self.episode_length[i])
+
+    def train(self) -> None:
+        """The updates owed: train_ratio replayed steps per env step, from train_start on."""
+        rc, counters = self.rc, self.counters
+        if counters["env_steps"] < rc.train_start or not self.replay.can_sample(rc.window):
+            return
+        counters["train_credit"] += self.n * rc.train_ratio / (rc.batch_size * rc.seq_len)
+        if counters["train_credit"] >= 1.0:
+            self.train_compiled.result()  # re-raises what went wrong in the compile, if anything
+        while counters["train_credit"] >= 1.0:
+            batch, windows = self.replay.sample_windows(rc.batch_size, rc.window, self.rng)
+            self.key, k_train = jax.random.split(self.key)
+            self.state, metrics, latents = agent_lib.train(self.state, batch, k_train)
+            if rc.replay_context:  # the trained steps' new posteriors replace the stored ones
+                self.replay.update(windows, jax.device_get(latents), offset=1)
+            if self.first_update_seconds is None:
+                jax.block_until_ready(metrics)
+                self.first_update_seconds = time.perf_counter() - self.run_start
+            self.pending_metrics.append(metrics)
+            self.unchecked.append(metrics)
+            counters["updates"] += 1
+            counters["train_credit"] -= 1.0
+            if rc.max_skipped_updates and len(self.unchecked) >= rc.max_skipped_updates:
+                self._check_skipped(batch)  # one host sync per max_skipped_updates updates
+
+    def log_evaluate_checkpoint(self) -> None:
+        """Whatever of logging, greedy evaluation and checkpointing is due at this step."""
+        rc, counters = self.rc, self.counters
+        steps = counters["env_steps"]
+        if steps - counters["last_log"] >= rc.log_every:
+            counters["last_log"] = steps
+            self._log_metrics(steps)
+        if self.eval_env is not None and steps - counters["last_eval"] >= rc.eval_every:
+            counters["last_eval"] = steps
+            # a key of its own (not split from the loop's), so evaluating never changes training
+            k_eval = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 2), steps)
+            for ret, length in evaluate(self.state, self.eval_env, rc.eval_episodes, k_eval):
+                self.logger.score(steps, "eval", ret, length)
+        if rc.checkpoint_every and steps - counters["last_checkpoint"] >= rc.checkpoint_every:
+            self.checkpoint()
+        if self.progress is not None:
+            self.progress.update(self.n)
+
+    def final_evaluation(self) -> None:
+        """Greedy episodes when this call brought the run to its budget (not when it stopped early)."""
+        rc, steps = self.rc, self.counters["env_steps"]
+        if not (steps >= rc.steps > self.start_steps and rc.final_eval_episodes > 0):
+            return
+        if self.progress is not None:
+            self.progress.close()
+        if self.eval_env is None:
+            self.eval_env = self.env_fn(rc.seed + 100_000)
+        key_eval = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 3), steps)
+        results = evaluate(self.state, self.eval_env, rc.final_eval_episodes, key_eval)
+        self.final_eval = final_evaluation_report(self.logger, steps, *zip(*results), self.recent)
+
+    def checkpoint(self, wait: bool = False) -> None:
+        rc, counters = self.rc, self.counters
         blobs = {}
         if not rc.parallel_envs:
             try:
-                blobs["envs"] = pickle.dumps(_env_state(envs))
+                blobs["envs"] = pickle.dumps(_env_state(self.envs))
             except Exception as e:  # MuJoCo handles and similar: resume will restart episodes
                 warnings.warn(f"could not pickle the environments ({e}); a resume restarts their episodes")
-        replay_state = {**replay.state_dict(), **{f"pending/{k}": v for k, v in pending.items()},
-                        "loop/episode_return": episode_return, "loop/episode_length": episode_length}
-        meta = {"counters": counters, "rng": rng.bit_generator.state, "recent_returns": recent.state(),
-                "replay_stored": replay.stored_per_env,
-                "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in pending.items()},
-                "config": to_dict(config)}
+        replay_state = {**self.replay.state_dict(), **{f"pending/{k}": v for k, v in self.pending.items()},
+                        "loop/episode_return": self.episode_return, "loop/episode_length": self.episode_length}
+        meta = {"counters": counters, "rng": self.rng.bit_generator.state, "recent_returns": self.recent.state(),
+                "replay_stored": self.replay.stored_per_env,
+                "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in self.pending.items()},
+                "config": to_dict(self.config)}
         step = counters["env_steps"]
         # set before the save, so that the checkpoint holds it (a resumed run does not save again at once),
         # and after a full disk the next try comes at the next interval
         counters["last_checkpoint"] = step
-        if save_or_warn(lambda: ckpt.save(step, {"agent": state, "carry": carry, "key": key}, replay_state, meta,
-                                          blobs, wait=wait), step, ckpt):
-            saved.append(step)
+        agent_state = {"agent": self.state, "carry": self.carry, "key": self.key}
+        if save_or_warn(lambda: self.ckpt.save(step, agent_state, replay_state, meta, blobs, wait=wait), step,
+                        self.ckpt):
+            self.saved.append(step)
 
-    def check_skipped(batch: dict[str, np.ndarray]) -> None:
+    def close(self, clean_exit: bool) -> None:
+        """Only a loop that stopped at a step boundary is consistent enough to save; after a crash the
+        previous checkpoint stays the one to resume from."""
+        try:
+            counters = self.counters
+            if clean_exit and self.pending_metrics:  # the updates since the last log (the log schedule stays)
+                self._log_metrics(counters["env_steps"])
+            if clean_exit and (counters["last_checkpoint"] != counters["env_steps"]
+                               or not (self.saved or self.ckpt.all_steps())):
+                self.checkpoint(wait=True)
+        finally:
+            self.ckpt.close()
+            self.logger.close()
+            if self.progress is not None:
+                self.progress.close()
+            self.envs.close()
+            if self.eval_env is not None:
+                self.eval_env.close()
+            # A thread cannot be stopped inside XLA, and exiting under it aborts the process: let it finish.
+            if not self.train_compiled.done():
+                print("waiting for the train step to finish compiling before exiting")
+            self.background.shutdown(wait=True)
+
+    def summary(self) -> dict[str, Any]:
+        counters, recent = self.counters, self.recent
+        return {"env_steps": counters["env_steps"], "updates": counters["updates"], "episodes": counters["episodes"],
+                "recent_return": recent.mean(counters["env_steps"]),
+                "recent_episodes": len(recent.returns(counters["env_steps"])), "recent_window_steps": recent.window,
+                **self.final_eval, "seconds": time.time() - self.start_time,
+                "first_update_seconds": self.first_update_seconds, "state": self.state}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _check_skipped(self, batch: dict[str, np.ndarray]) -> None:
         """Stop the run after `run.max_skipped_updates` updates in a row that the non-finite guard
         skipped, writing the last one's batch to the run dir (the last checkpoint stays resumable)."""
-        nonlocal skipped_in_a_row
+        rc, counters, unchecked = self.rc, self.counters, self.unchecked
         flags, last = jax.device_get(([m["train/skipped"] for m in unchecked], unchecked[-1]))  # one transfer
         for flag in flags:
-            skipped_in_a_row = skipped_in_a_row + 1 if flag else 0
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if flag else 0
         unchecked.clear()
-        if skipped_in_a_row < rc.max_skipped_updates:
+        if self.skipped_in_a_row < rc.max_skipped_updates:
             return
-        path = logdir / f"nonfinite_batch_update{counters['updates']}.npz"
+        path = self.logdir / f"nonfinite_batch_update{counters['updates']}.npz"
         np.savez_compressed(path, **batch)
         # the loss terms in the order the update computes them: the world model's, then the critic's and actor's
         later = ["loss/repval", "loss/critic", "loss/actor", "loss/world_model", "loss/total"]
         order = sorted(k for k in last if k.startswith("loss/") and k not in later) + later
         terms = [k for k in order if k in last and not np.isfinite(last[k])]
-        previous = ckpt.all_steps()
+        previous = self.ckpt.all_steps()
         raise NonFiniteUpdatesError(
-            f"{skipped_in_a_row} updates in a row had a non-finite loss or gradient, the last at env step "
+            f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradient, the last at env step "
             f"{counters['env_steps']} (update {counters['updates']}); its first non-finite loss term: "
             f"{terms[0] if terms else 'none (the gradients)'}. Its batch is in {path}. "
             + (f"The checkpoint of step {previous[-1]} is the last good one: resume from it after a fix (e.g. a "
                "lower --agent.optim.lr)." if previous else "There is no checkpoint yet."))
 
-    def log_metrics(steps: int) -> None:
-        nonlocal pending_metrics
-        elapsed = max(time.time() - start_time, 1e-9)
-        values = {"env_steps_per_s": (steps - start_steps) / elapsed,
-                  "updates_per_s": (counters["updates"] - start_updates) / elapsed,
+    def _log_metrics(self, steps: int) -> None:
+        counters = self.counters
+        elapsed = max(time.time() - self.start_time, 1e-9)
+        values = {"env_steps_per_s": (steps - self.start_steps) / elapsed,
+                  "updates_per_s": (counters["updates"] - self.start_updates) / elapsed,
                   "updates": counters["updates"], "episodes": counters["episodes"]}
-        recent_returns = recent.returns(steps)
+        recent_returns = self.recent.returns(steps)
         if recent_returns:
             values["train/return_recent"] = float(np.mean(recent_returns))
             values["train/return_recent_episodes"] = len(recent_returns)
-        if pending_metrics:
-            stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending_metrics))
+        if self.pending_metrics:
+            stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *self.pending_metrics))
             values.update({k: float(np.mean(v)) for k, v in stacked.items()})
             values["train/skipped_updates"] = int(np.sum(stacked["train/skipped"]))
-            pending_metrics = []
-        logger.metrics(steps, values)
-        if progress is not None:
-            progress.set_postfix({"env/s": f"{values['env_steps_per_s']:.0f}",
-                                  "upd/s": f"{values['updates_per_s']:.2f}",
-                                  "return": f"{values.get('train/return_recent', float('nan')):.1f} "
-                                            f"({len(recent_returns)} ep)"})
+            self.pending_metrics = []
+        self.logger.metrics(steps, values)
+        if self.progress is not None:
+            self.progress.set_postfix({"env/s": f"{values['env_steps_per_s']:.0f}",
+                                       "upd/s": f"{values['updates_per_s']:.2f}",
+                                       "return": f"{values.get('train/return_recent', float('nan')):.1f} "
+                                                 f"({len(recent_returns)} ep)"})
 
-    progress = None
-    if rc.progress:
-        from tqdm import tqdm
 
-        progress = tqdm(total=rc.steps, initial=counters["env_steps"], unit="step", dynamic_ncols=True)
-
-    final_eval: dict[str, Any] = {}
-    clean_exit = False
-    try:
-        with StopOnInterrupt() as flag:
-            while counters["env_steps"] < rc.steps and not flag.stop:
-                # 1. act on the pending step, store it (with the latent the policy inferred), step the envs
-                key, k_act = jax.random.split(key)
-                obs_in = {k: v for k, v in pending.items() if k not in ("action", "reward", "is_last", "is_terminal")}
-                action, carry = agent_lib.policy(state, carry, obs_in, k_act)
-                latent = agent_lib.replay_latent(state, carry) if rc.replay_context else {}
-                action, latent = jax.device_get((action, latent))  # one wait for both
-                replay.add({**pending, **latent})
-                done = pending["is_last"]
-                obs, reward, terminated, truncated, info = envs.step(spaces.env_actions(act_space, action))
-                problem = spaces.output_problem(obs_space, obs, reward, n)
-                if problem is not None:  # before it reaches replay (parallel envs restart such an env themselves)
-                    i, name, what = problem
-                    raise EnvOutputError(f"env {rc.env!r} (env {i} of {n}) returned {what} for {name!r} at env step "
-                                         f"{counters['env_steps'] + n}; fix or wrap the env, or run it with "
-                                         "--run.parallel-envs, which restarts an env that does this")
-                # envs that had finished were reset by this step (NEXT_STEP autoreset); a restarted env
-                # process also starts a new episode here, and its unfinished one is dropped (not scored)
-                first = done | np.asarray(info.get("restarted", np.zeros(n, bool)), bool)
-                is_last = (terminated | truncated) & ~first
-                pending = {**spaces.batch_obs(obs_space, obs, n), "reward": np.asarray(reward, np.float32),
-                           "is_first": first, "is_last": is_last, "is_terminal": terminated & ~first,
-                           "action": np.where(first[:, None], 0.0, action).astype(np.float32)}
-                episode_return = np.where(first, 0.0, episode_return + pending["reward"])
-                episode_length = np.where(first, 0, episode_length + 1)
-                counters["env_steps"] += n
-                for i in np.flatnonzero(is_last):
-                    counters["episodes"] += 1
-                    recent.add(counters["env_steps"], float(episode_return[i]))
-                    logger.score(counters["env_steps"], "train", episode_return[i], episode_length[i])
-
-                # 2. train: train_ratio replayed steps per env step
-                if counters["env_steps"] >= rc.train_start and replay.can_sample(rc.window):
-                    counters["train_credit"] += n * rc.train_ratio / replayed_per_update
-                    if counters["train_credit"] >= 1.0:
-                        train_compiled.result()  # re-raises what went wrong in the compile, if anything
-                    while counters["train_credit"] >= 1.0:
-                        batch, windows = replay.sample_windows(rc.batch_size, rc.window, rng)
-                        key, k_train = jax.random.split(key)
-                        state, metrics, latents = agent_lib.train(state, batch, k_train)
-                        if rc.replay_context:  # the trained steps' new posteriors replace the stored ones
-                            replay.update(windows, jax.device_get(latents), offset=1)
-                        if first_update_seconds is None:
-                            jax.block_until_ready(metrics)
-                            first_update_seconds = time.perf_counter() - run_start
-                        pending_metrics.append(metrics)
-                        unchecked.append(metrics)
-                        counters["updates"] += 1
-                        counters["train_credit"] -= 1.0
-                        if rc.max_skipped_updates and len(unchecked) >= rc.max_skipped_updates:
-                            check_skipped(batch)  # one host sync per max_skipped_updates updates
-
-                # 3. log, evaluate, checkpoint
-                steps = counters["env_steps"]
-                if steps - counters["last_log"] >= rc.log_every:
-                    counters["last_log"] = steps
-                    log_metrics(steps)
-                if eval_env is not None and steps - counters["last_eval"] >= rc.eval_every:
-                    counters["last_eval"] = steps
-                    # a key of its own (not split from the loop's), so evaluating never changes training
-                    k_eval = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 2), steps)
-                    results = evaluate(state, eval_env, rc.eval_episodes, k_eval)
-                    for ret, length in results:
-                        logger.score(steps, "eval", ret, length)
-                if rc.checkpoint_every and steps - counters["last_checkpoint"] >= rc.checkpoint_every:
-                    checkpoint()
-                if progress is not None:
-                    progress.update(n)
-            if counters["env_steps"] >= rc.steps > start_steps and rc.final_eval_episodes > 0:
-                if progress is not None:
-                    progress.close()
-                if eval_env is None:
-                    eval_env = env_fn(rc.seed + 100_000)
-                key_eval = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 3), counters["env_steps"])
-                results = evaluate(state, eval_env, rc.final_eval_episodes, key_eval)
-                final_eval = final_evaluation_report(logger, counters["env_steps"], *zip(*results), recent)
-        clean_exit = True
-    finally:
-        # Only a loop that stopped at a step boundary is consistent enough to save; after a crash the
-        # previous checkpoint stays the one to resume from.
-        if clean_exit and pending_metrics:  # the updates since the last log (the log schedule stays)
-            log_metrics(counters["env_steps"])
-        if clean_exit and (counters["last_checkpoint"] != counters["env_steps"] or not (saved or ckpt.all_steps())):
-            checkpoint(wait=True)
-        ckpt.close()
-        logger.close()
-        if progress is not None:
-            progress.close()
-        envs.close()
-        if eval_env is not None:
-            eval_env.close()
-        # A thread cannot be stopped inside XLA, and exiting under it aborts the process: let it finish.
-        if not train_compiled.done():
-            print("waiting for the train step to finish compiling before exiting")
-        background.shutdown(wait=True)
-
-    elapsed = time.time() - start_time
-    return {"env_steps": counters["env_steps"], "updates": counters["updates"], "episodes": counters["episodes"],
-            "recent_return": recent.mean(counters["env_steps"]),
-            "recent_episodes": len(recent.returns(counters["env_steps"])), "recent_window_steps": recent.window,
-            **final_eval, "seconds": elapsed, "first_update_seconds": first_update_seconds, "state": state}
 from worldmodels.device_loop import run_on_device  # noqa: E402,F401  (the device loop for JAX envs)
