@@ -71,12 +71,17 @@ def train_argv(device_loop: bool, logdir: Path, steps: int, checkpoint_every: in
     return argv + ["--run.parallel-envs", "--run.num-envs", "2"]
 
 
-def last_logged_step(logdir: Path) -> int:
+def metric_lines(logdir: Path) -> list[str]:
     path = logdir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    step = 0
-    for line in path.read_text().splitlines():
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def last_logged_step(logdir: Path, earlier: set[str] = frozenset(), default: int = 0) -> int:
+    """The last env step in metrics.jsonl among the lines not in `earlier` (`default` if none)."""
+    step = default
+    for line in metric_lines(logdir):
+        if line in earlier:
+            continue
         try:
             step = max(step, json.loads(line)["env_step"])
         except (ValueError, KeyError):  # a line cut by the kill
@@ -182,6 +187,7 @@ def live(index: int, kill: str, argv: list[str], logdir: Path, log: Path, args, 
          resumed_from: int) -> Life:
     """Start one life of the run and kill it the chosen way (or, with kill "", let it end)."""
     life = Life(index, kill, resumed_from=resumed_from)
+    earlier = set(metric_lines(logdir))  # what earlier lives logged: this life's progress is in new lines
     start = time.time()
     with open(log, "w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
@@ -196,7 +202,7 @@ def live(index: int, kill: str, argv: list[str], logdir: Path, log: Path, args, 
     elif kill == "random step":  # at a random env step within 1.5 checkpoint intervals of the restore
         target = resumed_from + rng.uniform(0.1, 1.5) * args.checkpoint_every
         target = min(target, args.steps - args.log_every)
-        wait_for(lambda: last_logged_step(logdir) >= target, process, args.life_timeout, 0.02)
+        wait_for(lambda: last_logged_step(logdir, earlier) >= target, process, args.life_timeout, 0.02)
         time.sleep(rng.uniform(0.0, 0.3))
     if kill:
         kids = children(process.pid)
@@ -211,7 +217,8 @@ def live(index: int, kill: str, argv: list[str], logdir: Path, log: Path, args, 
         for k in kids:  # do not leave them running whatever the count says
             if alive(k):
                 os.kill(k, signal.SIGKILL)
-    life.last_logged = last_logged_step(logdir)
+    # a life killed before it logged anything reached only the step it (would have) resumed from
+    life.last_logged = last_logged_step(logdir, earlier, default=resumed_from)
     return life
 
 
@@ -252,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         kill = kinds[i % len(kinds)] if i < args.kills else ""
         log = root / f"life{i:02d}.log"
         life = live(i, kill, argv_for(run_dir), run_dir, log, args, rng, resumed_from)
-        if i > 0:
-            found = RESUMED.search(log.read_text())
-            life.resumed_from = int(found.group(1)) if found else 0
+        found = RESUMED.search(log.read_text())
+        if found:  # else it was killed before it restored: the newest checkpoint stays the guess
+            life.resumed_from = int(found.group(1))
         if kill:  # copy the run dir as the kill left it, then check the copy (opening it cleans up)
             life.snapshot = snapshots / f"after{i:02d}"
             shutil.copytree(run_dir, life.snapshot)

@@ -22,8 +22,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from worldmodels import sharding
 from worldmodels.actor_critic import (Actor, ActorCriticConfig, Critic, ReturnNormState, lambda_return,
                                       return_norm_init, return_norm_scale, return_norm_update)
 from worldmodels.dists import TwoHot, sg
@@ -339,11 +341,17 @@ def _scale_group_updates(updates: tuple, config: OptimConfig) -> tuple:
 # Every leaf of AgentState is an array (static parts live in the tree structure), so plain jax.jit
 # applies and avoids equinox's per-call Python partitioning (~70 ms per step for size1m).
 @functools.cache
-def _train_program(backend: str):
-    return jax.jit(_train, donate_argnums=0, compiler_options=compiler_options(backend))
+def _train_program(backend: str, mesh: Mesh | None = None):
+    if mesh is None:
+        return jax.jit(_train, donate_argnums=0, compiler_options=compiler_options(backend))
+    # Data parallel (GSPMD): the state and key on every device, the batch and the returned latents
+    # split along B; XLA reduces the gradients across devices (an all-reduce in the program).
+    everywhere, split = sharding.replicated(mesh), sharding.split_batch(mesh)
+    return jax.jit(_train, donate_argnums=0, in_shardings=(everywhere, split, everywhere),
+                   out_shardings=(everywhere, everywhere, split), compiler_options=compiler_options(backend))
 
 
-def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
+def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray, mesh: Mesh | None = None
           ) -> tuple[AgentState, dict[str, Array], dict[str, Array]]:
     """One update on a replayed batch (`[B, T, ...]` per key; see `WorldModel.loss`). With `LATENT`
     keys the batch has T + 1 steps and the first is context (see the module docstring).
@@ -354,12 +362,16 @@ def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray
     **Returns:** (the new state, scalar metrics, the posterior latents of the T trained steps:
     `LATENT` keys `[B, T, ...]`, to write back to replay). The old `state`'s buffers are donated:
     use only the returned state afterwards (`copy_state` first to keep one).
+
+    With a `mesh` (`worldmodels.sharding.make_mesh`) the update runs on all its devices: the batch
+    (host arrays, or arrays split along B) is split over the `data` axis, whose size must divide B;
+    the state and key must be on every device (`sharding.put_replicated`), and so is the new state.
     """
-    return _train_program(jax.default_backend())(state, dict(batch), key)
+    return _train_program(jax.default_backend(), mesh)(state, dict(batch), key)
 
 
 def lower_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStruct],
-                key: PRNGKeyArray | jax.ShapeDtypeStruct) -> jax.stages.Lowered:
+                key: PRNGKeyArray | jax.ShapeDtypeStruct, mesh: Mesh | None = None) -> jax.stages.Lowered:
     """Trace and lower the train step for arguments of these shapes and dtypes; `.compile()` on the
     result then fills jit's cache, so that the first `train` call on such arguments only runs it.
 
@@ -367,9 +379,9 @@ def lower_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStr
     `jax.eval_shape(functools.partial(init, config, obs_spec, action_spec), key)`). Lower in the thread
     that will call `train`, since thread-local JAX settings (e.g. `jax.default_device`) are part of
     jit's cache key; the compile may run in another thread (the training loop overlaps it with the
-    first environment steps). Nothing is donated or run.
+    first environment steps). Nothing is donated or run. `mesh`: as for `train`.
     """
-    return _train_program(jax.default_backend()).trace(state, dict(batch), key).lower()
+    return _train_program(jax.default_backend(), mesh).trace(state, dict(batch), key).lower()
 
 
 def copy_state(state: AgentState) -> AgentState:

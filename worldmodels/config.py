@@ -44,6 +44,9 @@ class RunConfig:
     log_every: int = 1000  # environment steps between metric logs
     checkpoint_every: int = 10_000  # environment steps between checkpoints (and at exit)
     seed: int = 0
+    # The devices the host loop trains on (worldmodels.sharding): "data" splits each batch over every
+    # visible device, "data=N" over the first N; the batch size must be a multiple of the device count.
+    mesh: str = "data"
     logdir: str = "runs/default"
     tensorboard: bool = True
     progress: bool = True
@@ -253,6 +256,9 @@ def validate(config: Config) -> None:
                  "agent.actor_critic.unimix", "agent.actor_critic.slow_rate"):
         if not 0 <= values[path] <= 1:
             raise bad(path, values[path], "in [0, 1]")
+    name, _, count = values["run.mesh"].partition("=")
+    if name != "data" or (count and (not count.isdigit() or int(count) < 1)):
+        raise bad("run.mesh", values["run.mesh"], "'data' (every visible device) or 'data=N' (the first N)")
     if values["agent.actor_critic.discount_horizon"] <= 1:
         raise bad("agent.actor_critic.discount_horizon", values["agent.actor_critic.discount_horizon"],
                   "> 1 (gamma = 1 - 1 / discount_horizon)")

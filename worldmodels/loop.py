@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from worldmodels import agent as agent_lib
-from worldmodels import spaces
+from worldmodels import sharding, spaces
 from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
@@ -190,13 +190,23 @@ class HostRun:
         self.state = agent_lib.init(self.config.agent, obs_spec, self.act_spec, jax.random.PRNGKey(rc.seed))
         print(f"agent: {agent_lib.count_params(self.state.params):,} parameters; observations {obs_spec}; "
               f"actions {self.act_spec}")
+        self.key = jax.random.PRNGKey(rc.seed + 1)
+        # Many devices: the state and keys on every device, each batch split along B over them (and the
+        # env batch too, where the device count divides it). One device: no mesh, the plain programs.
+        mesh = sharding.make_mesh(rc.mesh)
+        self.mesh = mesh if sharding.data_size(mesh) > 1 else None
+        self.split_envs = self.mesh is not None and n % sharding.data_size(mesh) == 0
+        if self.mesh is not None:
+            sharding.check_batch("--run.batch-size", rc.batch_size, mesh)
+            self.state, self.key = sharding.put_replicated((self.state, self.key), mesh)
+            print(f"mesh: {sharding.data_size(mesh)} devices on the data axis ({jax.devices()[0].platform}); each "
+                  f"batch of {rc.batch_size} split over them" + (", and the env batch" if self.split_envs else ""))
         latent_spec = agent_lib.latent_spec(self.state) if rc.replay_context else {}
         self.replay = ReplayBuffer({**spaces.step_spec(self.obs_space, self.act_spec), **latent_spec},
                                    rc.replay_capacity, n)
         print(self.replay.describe())
-        self.key = jax.random.PRNGKey(rc.seed + 1)
         self.rng = np.random.default_rng(rc.seed)
-        self.carry = agent_lib.initial_carry(self.state, n)
+        self.carry = self._initial_carry()
         self.counters = {"env_steps": 0, "updates": 0, "episodes": 0, "train_credit": 0.0, "last_log": 0,
                          "last_eval": 0, "last_checkpoint": 0}
         self.pending: dict[str, np.ndarray] = {}  # the step observed but not yet stored
@@ -264,7 +274,7 @@ class HostRun:
         if rc.train_ratio > 0 and rc.steps > max(rc.train_start, self.counters["env_steps"]):
             try:
                 self.train_compiled = self.background.submit(
-                    agent_lib.lower_train(self.state, batch_shapes, self.key).compile)
+                    agent_lib.lower_train(self.state, batch_shapes, self.key, self.mesh).compile)
             except Exception as e:  # raised at the first update, as a compile error is, so the clean-up runs
                 self.train_compiled.set_exception(e)
         else:  # no updates to come
@@ -278,7 +288,11 @@ class HostRun:
                         "is_first": np.ones(n, bool), "is_last": np.zeros(n, bool), "is_terminal": np.zeros(n, bool),
                         "action": np.zeros((n, self.act_spec.dim), np.float32)}
         self.episode_return[:], self.episode_length[:] = 0.0, 0
-        self.carry = agent_lib.initial_carry(self.state, n)
+        self.carry = self._initial_carry()
+
+    def _initial_carry(self) -> agent_lib.PolicyCarry:
+        carry = agent_lib.initial_carry(self.state, self.n)
+        return jax.device_put(carry, sharding.split_batch(self.mesh)) if self.split_envs else carry
 
     # -- the loop's phases -----------------------------------------------------------------
 
@@ -290,6 +304,8 @@ class HostRun:
         rc, n, counters = self.rc, self.n, self.counters
         self.key, k_act = jax.random.split(self.key)
         obs_in = {k: v for k, v in self.pending.items() if k not in ("action", "reward", "is_last", "is_terminal")}
+        if self.split_envs:
+            obs_in = sharding.put_split(obs_in, self.mesh)
         action, self.carry = agent_lib.policy(self.state, self.carry, obs_in, k_act)
         latent = agent_lib.replay_latent(self.state, self.carry) if rc.replay_context else {}
         action, latent = jax.device_get((action, latent))  # one wait for both
@@ -328,7 +344,7 @@ class HostRun:
         while counters["train_credit"] >= 1.0:
             batch, windows = self.replay.sample_windows(rc.batch_size, rc.window, self.rng)
             self.key, k_train = jax.random.split(self.key)
-            self.state, metrics, latents = agent_lib.train(self.state, batch, k_train)
+            self.state, metrics, latents = agent_lib.train(self.state, batch, k_train, self.mesh)
             if rc.replay_context:  # the trained steps' new posteriors replace the stored ones
                 self.replay.update(windows, jax.device_get(latents), offset=1)
             if self.first_update_seconds is None:

@@ -24,8 +24,10 @@ class ConfigMismatchError(ValueError):
 
 
 # What a resumed run may change; every other run option shapes the replay or the training schedule.
+# The mesh may change: the agent state is the same on every device and replay lives on the host, so a
+# checkpoint restores onto any number of devices.
 RESUME_MAY_CHANGE = {"steps", "log_every", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
-                     "max_skipped_updates", "logdir", "tensorboard", "progress"}
+                     "max_skipped_updates", "mesh", "logdir", "tensorboard", "progress"}
 
 
 def check_resumable(logdir: Path, config: Config) -> None:
