@@ -438,7 +438,9 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
                     for ret, length in zip(*loop.evaluate(carry.agent, env_params, key, rc.eval_episodes)):
                         logger.score(env_steps, "eval", ret, length)
                 if rc.checkpoint_every and env_steps - counters["last_checkpoint"] >= rc.checkpoint_every:
-                    checkpoint()
+                    # written before the next chunk (as the host loop's, which writes its replay at once):
+                    # a kill then loses at most checkpoint_every env steps, not also those of a write in flight
+                    checkpoint(wait=True)
             if env_steps >= rc.steps > start_steps and rc.final_eval_episodes > 0:
                 key = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 3), env_steps)
                 returns, lengths = loop.evaluate(carry.agent, env_params, key, rc.final_eval_episodes)
