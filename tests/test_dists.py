@@ -339,3 +339,14 @@ def test_bernoulli_extreme_logits_finite():
     lp = np.asarray(d.log_prob(jnp.array([1.0, 0.0])))
     np.testing.assert_allclose(lp, 0.0, atol=1e-6)
     assert np.all(np.isfinite(np.asarray(d.log_prob(jnp.array([0.0, 1.0])))))
+
+
+def test_twohot_log_prob_of_a_nan_target_is_nan():
+    """A NaN target must not pick clipped bins with finite weights: the loss stays NaN, which the
+    train step's non-finite guard then skips (a NaN reward used to train the reward head on garbage)."""
+    dist = TwoHot(jnp.linspace(-1.0, 1.0, 3 * 255).reshape(3, 255), symexp_bins(255))
+    with_nan = dist.log_prob(jnp.array([1.0, jnp.nan, -2.0]))
+    finite = dist.log_prob(jnp.array([1.0, 0.0, -2.0]))
+    assert np.isnan(float(with_nan[1]))
+    np.testing.assert_array_equal(np.asarray(with_nan)[[0, 2]], np.asarray(finite)[[0, 2]])
+    assert np.all(np.isfinite(np.asarray(finite)))

@@ -87,3 +87,37 @@ def test_nan_forever_stops_the_run_naming_the_step_and_the_loss_term(tmp_path, m
         assert ckpt.all_steps()[-1] == 128
     monkeypatch.undo()
     assert loop.run(_config(tmp_path, 256), cartpole)["env_steps"] == 256  # resumes from the good checkpoint
+
+
+def test_device_loop_stops_after_max_skipped_updates_naming_the_term(tmp_path):
+    """An env whose rewards are all NaN: every update is skipped; the device loop stops after
+    run.max_skipped_updates of them, counting across chunks, and names the first non-finite term."""
+    import jax.numpy as jnp
+
+    import envs.jax as jenvs
+    from worldmodels import device_loop
+
+    env, params = jenvs.make("bsuite/catch/0")
+
+    class NanRewards:
+        """The catch env with NaN rewards (everything else delegated)."""
+
+        def __getattr__(self, name):
+            return getattr(env, name)
+
+        def step(self, params, state, action, key=None):
+            state, timestep = env.step(params, state, action, key)
+            return state, timestep._replace(reward=timestep.reward * jnp.nan)
+
+    config = make_config(["debug"], {"run.logdir": str(tmp_path), "run.train_start": 64, "run.steps": 512,
+                                     "run.max_skipped_updates": 12, "run.train_ratio": 256.0})
+    with pytest.raises(loop.NonFiniteUpdatesError, match=r"updates in a row had a non-finite loss or gradient, "
+                                                        r"the last in the chunk that ended at env step \d+ "
+                                                        r".*first non-finite loss term: loss/reward") as error:
+        device_loop.run_on_device(config, NanRewards(), params, chunk_env_steps=8)
+    assert "rerun the host loop" in str(error.value)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in metrics if "train/skipped_updates" in m]
+    assert trained and all(m["train/skipped_updates"] == m["train/skipped"] * (m["updates"] - p["updates"])
+                           for p, m in zip(metrics, metrics[1:]) if m in trained)
+    assert metrics[-1]["updates"] >= 12 and metrics[-1]["env_step"] < 512  # stopped early

@@ -81,7 +81,9 @@ class TwoHot(NamedTuple):
         below, above, w_below, w_above = jax.tree.map(sg, _twohot_parts(target, self.bins))
         logp = jax.nn.log_softmax(self.logits, -1)
         take = lambda idx: jnp.take_along_axis(logp, idx[..., None], -1)[..., 0]
-        return w_below * take(below) + w_above * take(above)
+        # A NaN target would pick clipped bins with finite weights: keep it NaN, so that the train
+        # step's non-finite guard sees it (a NaN reward otherwise trains the reward head on garbage).
+        return jnp.where(jnp.isnan(target), jnp.nan, w_below * take(below) + w_above * take(above))
 
 
 class OneHotCategorical(NamedTuple):

@@ -35,16 +35,13 @@ from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import ReplayBuffer
-from worldmodels.resume import (RESUME_MAY_CHANGE, ConfigMismatchError, StopOnInterrupt,  # noqa: F401
-                                check_resumable, restore_usable, save_or_warn)
+from worldmodels.resume import (RESUME_MAY_CHANGE, ConfigMismatchError, NonFiniteUpdatesError,  # noqa: F401
+                                StopOnInterrupt, check_resumable, first_nonfinite_term, restore_usable,
+                                save_or_warn)
 
 EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
 # env factories (no arguments) -> a vector env in NEXT_STEP autoreset mode, e.g. envs.parallel.ParallelVectorEnv
 VectorEnvFn = Callable[[list[Callable[[], gym.Env]]], gym.vector.VectorEnv]
-
-
-class NonFiniteUpdatesError(FloatingPointError):
-    """Too many updates in a row had a non-finite loss or gradient (see `run.max_skipped_updates`)."""
 
 
 class EnvOutputError(ValueError):
@@ -456,15 +453,11 @@ class HostRun:
             return
         path = self.logdir / f"nonfinite_batch_update{counters['updates']}.npz"
         np.savez_compressed(path, **batch)
-        # the loss terms in the order the update computes them: the world model's, then the critic's and actor's
-        later = ["loss/repval", "loss/critic", "loss/actor", "loss/world_model", "loss/total"]
-        order = sorted(k for k in last if k.startswith("loss/") and k not in later) + later
-        terms = [k for k in order if k in last and not np.isfinite(last[k])]
         previous = self.ckpt.all_steps()
         raise NonFiniteUpdatesError(
             f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradient, the last at env step "
             f"{counters['env_steps']} (update {counters['updates']}); its first non-finite loss term: "
-            f"{terms[0] if terms else 'none (the gradients)'}. Its batch is in {path}. "
+            f"{first_nonfinite_term(last)}. Its batch is in {path}. "
             + (f"The checkpoint of step {previous[-1]} is the last good one: resume from it after a fix (e.g. a "
                "lower --agent.optim.lr)." if previous else "There is no checkpoint yet."))
 

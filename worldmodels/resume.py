@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import numpy as np
+
 from worldmodels.checkpoint import CheckpointMismatchError
 from worldmodels.config import Config, from_dict
 
@@ -73,6 +75,20 @@ class StopOnInterrupt:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+class NonFiniteUpdatesError(FloatingPointError):
+    """Too many updates in a row had a non-finite loss or gradient (see `run.max_skipped_updates`)."""
+
+
+def first_nonfinite_term(metrics: dict[str, Any]) -> str:
+    """The first loss term of an update's metrics that is not finite, in the order the update computes
+    them (the world model's, then the replay value's, critic's and actor's), or a note that only the
+    gradients were."""
+    later = ["loss/repval", "loss/critic", "loss/actor", "loss/world_model", "loss/total"]
+    order = sorted(k for k in metrics if k.startswith("loss/") and k not in later) + later
+    terms = [k for k in order if k in metrics and not np.isfinite(metrics[k])]
+    return terms[0] if terms else "none (the gradients)"
 
 
 class NoUsableCheckpointError(RuntimeError):
