@@ -71,37 +71,28 @@ def train_argv(device_loop: bool, logdir: Path, steps: int, checkpoint_every: in
     return argv + ["--run.parallel-envs", "--run.num-envs", "2"]
 
 
-def metric_lines(logdir: Path) -> list[str]:
-    path = logdir / "metrics.jsonl"
+def log_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+def log_records(path: Path, skip: set[str] = frozenset()) -> list[dict]:
+    """The records of a JSON-lines log, but the lines in `skip` and a last line cut by a kill."""
+    lines = [line for line in log_lines(path) if line not in skip]
+    if lines and not lines[-1].endswith("}"):
+        lines = lines[:-1]
+    return [json.loads(line) for line in lines]
 
 
 def last_logged_step(logdir: Path, earlier: set[str] = frozenset(), default: int = 0) -> int:
     """The last env step in metrics.jsonl among the lines not in `earlier` (`default` if none)."""
-    step = default
-    for line in metric_lines(logdir):
-        if line in earlier:
-            continue
-        try:
-            step = max(step, json.loads(line)["env_step"])
-        except (ValueError, KeyError):  # a line cut by the kill
-            pass
-    return step
+    return max((r["env_step"] for r in log_records(logdir / "metrics.jsonl", earlier)), default=default)
 
 
 def records(logdir: Path, after: int, upto: int, modes: tuple[str, ...] = ("train",)) -> list[tuple]:
     """The run's records in (after, upto]: metrics without times and speeds, and the scores of `modes`."""
-    out = []
-    for name in ("metrics.jsonl", "scores.jsonl"):
-        path = logdir / name
-        for line in (path.read_text().splitlines() if path.exists() else []):
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if after < r["env_step"] <= upto and r.get("mode", "train") in modes:
-                out.append((name, *sorted((k, v) for k, v in r.items() if k not in UNTIMED)))
-    return out
+    return [(name, *sorted((k, v) for k, v in r.items() if k not in UNTIMED))
+            for name in ("metrics.jsonl", "scores.jsonl") for r in log_records(logdir / name)
+            if after < r["env_step"] <= upto and r.get("mode", "train") in modes]
 
 
 def children(pid: int) -> list[int]:
@@ -187,7 +178,7 @@ def live(index: int, kill: str, argv: list[str], logdir: Path, log: Path, args, 
          resumed_from: int) -> Life:
     """Start one life of the run and kill it the chosen way (or, with kill "", let it end)."""
     life = Life(index, kill, resumed_from=resumed_from)
-    earlier = set(metric_lines(logdir))  # what earlier lives logged: this life's progress is in new lines
+    earlier = set(log_lines(logdir / "metrics.jsonl"))  # what earlier lives logged: this life's progress is in new lines
     start = time.time()
     with open(log, "w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from worldmodels import sharding
 from worldmodels.agent import AgentConfig
 
 
@@ -256,9 +257,10 @@ def validate(config: Config) -> None:
                  "agent.actor_critic.unimix", "agent.actor_critic.slow_rate"):
         if not 0 <= values[path] <= 1:
             raise bad(path, values[path], "in [0, 1]")
-    name, _, count = values["run.mesh"].partition("=")
-    if name != "data" or (count and (not count.isdigit() or int(count) < 1)):
-        raise bad("run.mesh", values["run.mesh"], "'data' (every visible device) or 'data=N' (the first N)")
+    try:
+        sharding.devices_asked(values["run.mesh"])
+    except ValueError:
+        raise bad("run.mesh", values["run.mesh"], "'data' (every visible device) or 'data=N' (the first N)") from None
     if values["agent.actor_critic.discount_horizon"] <= 1:
         raise bad("agent.actor_critic.discount_horizon", values["agent.actor_critic.discount_horizon"],
                   "> 1 (gamma = 1 - 1 / discount_horizon)")

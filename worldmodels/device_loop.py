@@ -45,8 +45,8 @@ from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_pad, replay_sample_windows,
                                 replay_stored, replay_stored_part, replay_update)
-from worldmodels.resume import (ConfigMismatchError, NonFiniteUpdatesError, StopOnInterrupt, check_resumable,
-                                first_nonfinite_term, restore_usable, save_or_warn)
+from worldmodels.resume import (ConfigMismatchError, StopOnInterrupt, check_resumable, nonfinite_updates_error,
+                                restore_usable, save_or_warn, skipped_in_a_row)
 
 # How often the chunk has been traced (compiled); tests check it stays at one per DeviceLoop.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -404,7 +404,7 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
     env_steps, updates = int(carry.env_steps), int(carry.updates)
     start, start_steps, start_updates = time.time(), env_steps, updates
     first_chunk_s, after_first = None, None
-    skipped_in_a_row = 0  # updates the non-finite guard skipped, in a row, across chunks
+    skips = 0  # updates the non-finite guard skipped, in a row, across chunks
     final_eval: dict[str, Any] = {}
     clean_exit = False
     try:
@@ -434,19 +434,14 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
                     values.update({k: float(np.mean(v[out.trained])) for k, v in out.metrics.items()})
                     skipped = out.metrics["train/skipped"][out.trained].reshape(-1)  # the chunk's updates, in order
                     values["train/skipped_updates"] = int(skipped.sum())
-                    for was_skipped in skipped:
-                        skipped_in_a_row = skipped_in_a_row + 1 if was_skipped else 0
+                    skips = skipped_in_a_row(skips, skipped)
                 logger.metrics(env_steps, values)
-                if rc.max_skipped_updates and skipped_in_a_row >= rc.max_skipped_updates:
-                    last = {k: v[out.trained][-1, -1] for k, v in out.metrics.items()}
-                    previous = ckpt.all_steps()
-                    raise NonFiniteUpdatesError(
-                        f"{skipped_in_a_row} updates in a row had a non-finite loss or gradient, the last in the "
-                        f"chunk that ended at env step {env_steps} (update {updates}); its first non-finite loss "
-                        f"term: {first_nonfinite_term(last)}. The device loop samples its batches inside the "
-                        "program: rerun the host loop (without --device-loop) to get the batch written. "
-                        + (f"The checkpoint of step {previous[-1]} is the last good one: resume from it after a fix "
-                           "(e.g. a lower --agent.optim.lr)." if previous else "There is no checkpoint yet."))
+                if rc.max_skipped_updates and skips >= rc.max_skipped_updates:
+                    raise nonfinite_updates_error(
+                        skips, f"in the chunk that ended at env step {env_steps} (update {updates})",
+                        {k: v[out.trained][-1, -1] for k, v in out.metrics.items()},
+                        "The device loop samples its batches inside the program: rerun the host loop (without "
+                        "--device-loop) to get the batch written.", ckpt.all_steps())
                 if rc.eval_every and env_steps - counters["last_eval"] >= rc.eval_every:
                     counters["last_eval"] = env_steps
                     # A key of its own (not from the carry), so evaluating never changes training.

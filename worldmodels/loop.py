@@ -36,8 +36,8 @@ from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import ReplayBuffer
 from worldmodels.resume import (RESUME_MAY_CHANGE, ConfigMismatchError, NonFiniteUpdatesError,  # noqa: F401
-                                StopOnInterrupt, check_resumable, first_nonfinite_term, restore_usable,
-                                save_or_warn)
+                                StopOnInterrupt, check_resumable, nonfinite_updates_error, restore_usable,
+                                save_or_warn, skipped_in_a_row)
 
 EnvFn = Callable[[int], gym.Env]  # seed -> a single (not vector) env
 # env factories (no arguments) -> a vector env in NEXT_STEP autoreset mode, e.g. envs.parallel.ParallelVectorEnv
@@ -446,20 +446,15 @@ class HostRun:
         skipped, writing the last one's batch to the run dir (the last checkpoint stays resumable)."""
         rc, counters, unchecked = self.rc, self.counters, self.unchecked
         flags, last = jax.device_get(([m["train/skipped"] for m in unchecked], unchecked[-1]))  # one transfer
-        for flag in flags:
-            self.skipped_in_a_row = self.skipped_in_a_row + 1 if flag else 0
+        self.skipped_in_a_row = skipped_in_a_row(self.skipped_in_a_row, flags)
         unchecked.clear()
         if self.skipped_in_a_row < rc.max_skipped_updates:
             return
         path = self.logdir / f"nonfinite_batch_update{counters['updates']}.npz"
         np.savez_compressed(path, **batch)
-        previous = self.ckpt.all_steps()
-        raise NonFiniteUpdatesError(
-            f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradient, the last at env step "
-            f"{counters['env_steps']} (update {counters['updates']}); its first non-finite loss term: "
-            f"{first_nonfinite_term(last)}. Its batch is in {path}. "
-            + (f"The checkpoint of step {previous[-1]} is the last good one: resume from it after a fix (e.g. a "
-               "lower --agent.optim.lr)." if previous else "There is no checkpoint yet."))
+        raise nonfinite_updates_error(self.skipped_in_a_row, f"at env step {counters['env_steps']} (update "
+                                      f"{counters['updates']})", last, f"Its batch is in {path}.",
+                                      self.ckpt.all_steps())
 
     def _log_metrics(self, steps: int) -> None:
         counters = self.counters

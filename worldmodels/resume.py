@@ -91,6 +91,23 @@ def first_nonfinite_term(metrics: dict[str, Any]) -> str:
     return terms[0] if terms else "none (the gradients)"
 
 
+def skipped_in_a_row(before: int, skipped_flags: Any) -> int:
+    """Updates skipped in a row after `before` such updates and these per-update flags, in order."""
+    for skipped in skipped_flags:
+        before = before + 1 if skipped else 0
+    return before
+
+
+def nonfinite_updates_error(count: int, where: str, last_metrics: dict[str, Any], batch_note: str,
+                            checkpoint_steps: list[int]) -> NonFiniteUpdatesError:
+    """The error that stops a run after `count` skipped updates in a row, the last one `where`."""
+    return NonFiniteUpdatesError(
+        f"{count} updates in a row had a non-finite loss or gradient, the last {where}; its first non-finite "
+        f"loss term: {first_nonfinite_term(last_metrics)}. {batch_note} "
+        + (f"The checkpoint of step {checkpoint_steps[-1]} is the last good one: resume from it after a fix (e.g. "
+           "a lower --agent.optim.lr)." if checkpoint_steps else "There is no checkpoint yet."))
+
+
 class NoUsableCheckpointError(RuntimeError):
     """Every checkpoint of a run directory failed to read."""
 

@@ -27,16 +27,25 @@ def make_mesh(spec: str = DATA, devices: list | None = None) -> Mesh:
     **Raises:** ValueError naming the problem and valid specs for anything but "data" / "data=N".
     """
     devices = list(jax.devices() if devices is None else devices)
-    name, _, count = spec.partition("=")
-    if name != DATA or (count and not count.isdigit()):
-        raise ValueError(f"run.mesh {spec!r} is not a mesh this agent runs on: use 'data' (every device on a "
-                         f"data axis) or 'data=N' (the first N of the {len(devices)} devices)")
-    n = int(count) if count else len(devices)
+    count = devices_asked(spec)
+    n = len(devices) if count is None else count
     if not 1 <= n <= len(devices):
         raise ValueError(f"run.mesh {spec!r} asks for {n} devices; {len(devices)} are visible "
                          f"(use 'data' or 'data=1' ... 'data={len(devices)}')")
     # Auto axes: GSPMD propagates the shardings given at the jit boundary (make_mesh's default is Explicit)
     return jax.make_mesh((n,), (DATA,), axis_types=(AxisType.Auto,), devices=devices[:n])
+
+
+def devices_asked(spec: str) -> int | None:
+    """How many devices a mesh spec asks for: None for "data" (all of them), N for "data=N".
+
+    **Raises:** ValueError naming the valid specs for anything else.
+    """
+    name, _, count = spec.partition("=")
+    if name != DATA or (count and (not count.isdigit() or int(count) < 1)):
+        raise ValueError(f"run.mesh {spec!r} is not a mesh this agent runs on: use 'data' (every visible device "
+                         "on a data axis) or 'data=N' (the first N)")
+    return int(count) if count else None
 
 
 def data_size(mesh: Mesh) -> int:
