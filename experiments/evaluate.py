@@ -47,9 +47,8 @@ import envs
 from envs.parallel import ParallelVectorEnv
 from worldmodels import agent as agent_lib
 from worldmodels import spaces
-from worldmodels.checkpoint import Checkpointer
-from worldmodels.config import Config, from_dict
 from worldmodels.logging import read_jsonl
+from worldmodels.policy import load_config, restore_agent
 
 # Memory Maze (Pasukonis et al. 2022), per maze size: human and maximum (oracle) scores.
 MEMORY_MAZE_HUMAN = {"9x9": 26.4, "11x11": 44.3, "13x13": 55.5, "15x15": 67.7}
@@ -173,41 +172,6 @@ def final_train_return(run_dir: Path, window: int) -> float | None:
 # -- running episodes ---------------------------------------------------------------------------
 
 
-def load_config(run_dir: Path) -> Config:
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json); pass the --run.logdir "
-                                "of a training run")
-    return from_dict(json.loads(path.read_text()))
-
-
-def load_agent(run_dir: Path, config: Config, obs_space: gym.Space, act_space: gym.Space,
-               step: int | None = None) -> tuple[agent_lib.AgentState, int, dict]:
-    """The agent state of a run's checkpoint (latest if `step` is None).
-
-    **Returns:** (agent state, checkpoint step, the loop's counters at that step).
-    """
-    if not (run_dir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{run_dir} has no checkpoints/ (the run saves one every "
-                                "run.checkpoint_every steps and when it ends)")
-    rc = config.run
-    state = agent_lib.init(config.agent, spaces.obs_spec(obs_space), spaces.action_spec(act_space),
-                           jax.random.PRNGKey(rc.seed))
-    # The loop saves the agent with its acting carry and key; they shape the restore target.
-    template = {"agent": state, "carry": agent_lib.initial_carry(state, rc.num_envs),
-                "key": jax.random.PRNGKey(rc.seed + 1)}
-    with Checkpointer(run_dir / "checkpoints") as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no finished checkpoint yet")
-        if ckpt.read_meta(step).get("loop") == "device":
-            raise ValueError(f"{run_dir} is a device-loop run (--device-loop): its checkpoints hold the whole "
-                             "loop carry, which this script does not restore. Use --run.eval-every when "
-                             "training it: the device loop then logs greedy evaluation episodes to scores.jsonl")
-        restored, _, meta, _ = ckpt.restore(template, None, step)
-    return restored["agent"], step, meta["counters"]
-
-
 def run_episodes(state: agent_lib.AgentState, envs_: gym.vector.VectorEnv, episodes: int, key: jax.Array,
                  seed: int | None, greedy: bool = True, max_episode_steps: int = 1_000_000) -> list[tuple[float, int]]:
     """Play `episodes` episodes on a NEXT_STEP-autoreset vector env; env i plays an equal share
@@ -267,8 +231,8 @@ def evaluate_run(run_dir: str | Path, episodes: int = 10, *, greedy: bool = True
     else:
         vector_env = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     try:
-        state, step, counters = load_agent(run_dir, config, vector_env.single_observation_space,
-                                           vector_env.single_action_space, step)
+        state, step, counters = restore_agent(run_dir, config, vector_env.single_observation_space,
+                                              vector_env.single_action_space, step)
         played = run_episodes(state, vector_env, episodes, jax.random.PRNGKey(seed), seed, greedy)
     finally:
         vector_env.close()

@@ -1,6 +1,9 @@
 """Shared test set-up."""
 
 import gc
+import os
+import tempfile
+from pathlib import Path
 
 import jax
 import pytest
@@ -14,3 +17,8 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+# The signing key for the run dirs the tests write (worldmodels.signing): a temporary one, not the
+# user's; set at import so that the tests' subprocesses use it too.
+os.environ.setdefault("WORLDMODELS_SIGNING_KEY", str(Path(tempfile.mkdtemp(prefix="wm-test-key-")) / "signing_key"))

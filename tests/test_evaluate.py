@@ -108,7 +108,7 @@ def test_evaluate_a_briefly_trained_run(tmp_path):
     config_back = evaluate.load_config(tmp_path)
     assert config_back == config
     probe = envs.make(config.run.env)
-    state, step, counters = evaluate.load_agent(tmp_path, config, probe.observation_space, probe.action_space)
+    state, step, counters = evaluate.restore_agent(tmp_path, config, probe.observation_space, probe.action_space)
     assert step == counters["env_steps"] == 120
     leaves = lambda s: jax.tree.leaves(s)
     assert all(np.array_equal(a, b) for a, b in zip(leaves(trained["state"]), leaves(state)))

@@ -48,6 +48,9 @@ class RunConfig:
     # The devices the host loop trains on (worldmodels.sharding): "data" splits each batch over every
     # visible device, "data=N" over the first N; the batch size must be a multiple of the device count.
     mesh: str = "data"
+    # Unpickle the saved envs on resume even when this user's key did not sign them (worldmodels.signing):
+    # only for your own runs, since unpickling runs code
+    trust_env_pickle: bool = False
     logdir: str = "runs/default"
     tensorboard: bool = True
     progress: bool = True

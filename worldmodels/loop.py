@@ -17,6 +17,7 @@ own step and the next vector step returns the reset observation.
 from __future__ import annotations
 
 import functools
+import json
 import pickle
 import time
 import warnings
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from worldmodels import agent as agent_lib
-from worldmodels import sharding, spaces
+from worldmodels import sharding, signing, spaces
 from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
@@ -213,6 +214,9 @@ class HostRun:
         if self.ckpt.latest_step() is not None:
             self._resume()
         (self.logdir / "config.json").write_text(dumps(self.config))
+        # what the agent reads and writes, so that worldmodels.load acts without making the env
+        (self.logdir / "spaces.json").write_text(json.dumps(
+            {"observation": spaces.space_to_dict(self.obs_space), "action": spaces.space_to_dict(self.act_space)}))
 
     def _resume(self) -> None:
         ckpt, logdir, replay = self.ckpt, self.logdir, self.replay
@@ -243,11 +247,17 @@ class HostRun:
         self.rng.bit_generator.state = meta["rng"]
         saved_envs = None
         if "envs" in blobs and not self.rc.parallel_envs:
-            try:
-                saved_envs = pickle.loads(blobs["envs"])
-            except Exception as e:  # e.g. wrappers that forward attribute lookups before they are set up
-                warnings.warn(f"the saved environments could not be unpickled ({e!r}): they restart with new "
-                              "episodes")
+            if signing.verify(blobs["envs"], meta.get("envs_signature")) or self.rc.trust_env_pickle:
+                try:
+                    saved_envs = pickle.loads(blobs["envs"])
+                except Exception as e:  # e.g. wrappers that forward attribute lookups before they are set up
+                    warnings.warn(f"the saved environments could not be unpickled ({e!r}): they restart with new "
+                                  "episodes")
+            else:  # unpickling runs code: only this user's own pickles (see worldmodels.signing)
+                warnings.warn(f"the saved environments in {logdir} were not signed with this user's key "
+                              f"({signing.key_path()}), so they are not unpickled: the envs restart with new "
+                              "episodes. If this is your own run (written on another machine or under another "
+                              "key), pass --run.trust-env-pickle to restore them.")
         if saved_envs is not None:
             _set_env_state(self.envs, saved_envs)
         else:
@@ -387,10 +397,11 @@ class HostRun:
 
     def checkpoint(self, wait: bool = False) -> None:
         rc, counters = self.rc, self.counters
-        blobs = {}
+        blobs, envs_signature = {}, None
         if not rc.parallel_envs:
             try:
                 blobs["envs"] = pickle.dumps(_env_state(self.envs))
+                envs_signature = signing.sign(blobs["envs"])
             except Exception as e:  # MuJoCo handles and similar: resume will restart episodes
                 warnings.warn(f"could not pickle the environments ({e}); a resume restarts their episodes")
         replay_state = {**self.replay.state_dict(), **{f"pending/{k}": v for k, v in self.pending.items()},
@@ -398,7 +409,7 @@ class HostRun:
         meta = {"counters": counters, "rng": self.rng.bit_generator.state, "recent_returns": self.recent.state(),
                 "replay_stored": self.replay.stored_per_env,
                 "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in self.pending.items()},
-                "config": to_dict(self.config)}
+                "config": to_dict(self.config), "envs_signature": envs_signature}
         step = counters["env_steps"]
         # set before the save, so that the checkpoint holds it (a resumed run does not save again at once),
         # and after a full disk the next try comes at the next interval

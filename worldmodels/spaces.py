@@ -105,3 +105,40 @@ def output_problem(space: gym.Space, obs: Any, reward: Any, num_envs: int) -> tu
         i = int(np.flatnonzero(~np.isfinite(rewards))[0])
         return i, "reward", f"a non-finite reward ({rewards[i]})"
     return None
+
+
+def _bound(x: np.ndarray) -> Any:
+    """A Box bound as JSON: one number when every element is the same, else nested lists (inf kept)."""
+    flat = np.unique(x)
+    return flat[0].item() if flat.size == 1 else x.tolist()
+
+
+def space_to_dict(space: gym.Space) -> dict[str, Any]:
+    """A JSON-ready description of an observation or action space (the kinds this package takes), so
+    that a run directory says what its agent reads and writes without making its env (`worldmodels.load`)."""
+    if isinstance(space, gym.spaces.Dict):
+        return {"kind": "Dict", "spaces": {k: space_to_dict(s) for k, s in space.spaces.items()}}
+    if isinstance(space, gym.spaces.Box):
+        return {"kind": "Box", "shape": list(space.shape), "dtype": str(space.dtype),
+                "low": _bound(space.low), "high": _bound(space.high)}
+    if isinstance(space, gym.spaces.Discrete):
+        return {"kind": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, gym.spaces.MultiBinary):
+        return {"kind": "MultiBinary", "n": [int(n) for n in np.atleast_1d(space.n)]}
+    raise TypeError(f"unsupported space {space!r}; supported: {SUPPORTED}")
+
+
+def space_from_dict(d: Mapping[str, Any]) -> gym.Space:
+    """The inverse of `space_to_dict`."""
+    kind = d["kind"]
+    if kind == "Dict":
+        return gym.spaces.Dict({k: space_from_dict(s) for k, s in d["spaces"].items()})
+    if kind == "Box":
+        dtype, shape = np.dtype(d["dtype"]), tuple(d["shape"])
+        bound = lambda b: np.broadcast_to(np.asarray(b, np.float64), shape).astype(dtype)
+        return gym.spaces.Box(bound(d["low"]), bound(d["high"]), shape, dtype)
+    if kind == "Discrete":
+        return gym.spaces.Discrete(d["n"], start=d["start"])
+    if kind == "MultiBinary":
+        return gym.spaces.MultiBinary(d["n"] if len(d["n"]) > 1 else d["n"][0])
+    raise ValueError(f"unknown space kind {kind!r} in a space description")
