@@ -7,6 +7,7 @@ in order on top of the defaults, so `("size12m", "catch")` means the catch run w
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import types
@@ -53,6 +54,7 @@ class RunConfig:
     trust_env_pickle: bool = False
     logdir: str = "runs/default"
     tensorboard: bool = True
+    wandb: str = ""  # a Weights & Biases project to log to as well ("": none; needs the wandb extra)
     progress: bool = True
 
     @property
@@ -283,6 +285,9 @@ def validate(config: Config) -> None:
                           f"--agent.actor-critic.retnorm-high {config.agent.actor_critic.retnorm_high!r}: must be "
                           "percentiles with 0 <= low < high <= 100, e.g. 5 and 95")
     rc = config.run
+    if rc.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"--run.wandb {rc.wandb!r} needs wandb, which is not installed: "
+                          'pip install "worldmodels[wandb]" (WANDB_MODE=offline logs without a network)')
     per_env = rc.replay_capacity // rc.num_envs
     if per_env < rc.window:
         raise ConfigError(f"--run.replay-capacity {rc.replay_capacity}: holds {per_env} steps per env "

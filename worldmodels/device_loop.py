@@ -400,7 +400,8 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
                                           None, meta, wait=wait), step, ckpt):
             saved.append(step)
 
-    logger = RunLogger(logdir, rc.tensorboard, start_step=int(carry.env_steps))
+    logger = RunLogger(logdir, rc.tensorboard, start_step=int(carry.env_steps), wandb_project=rc.wandb,
+                       config=to_dict(config))
     env_steps, updates = int(carry.env_steps), int(carry.updates)
     start, start_steps, start_updates = time.time(), env_steps, updates
     first_chunk_s, after_first = None, None

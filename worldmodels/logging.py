@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,14 +32,20 @@ def _drop_after(path: Path, step: int) -> None:
 
 
 class RunLogger:
-    """Appends JSON lines and mirrors scalars to TensorBoard.
+    """Appends JSON lines and mirrors scalars to TensorBoard and, optionally, to Weights & Biases.
 
     `start_step`: the env step the run (re)starts from. A resumed run keeps appending, but records
     after it, left by a run that crashed or was aborted after its last checkpoint, are dropped first
     (TensorBoard purges them too), so a resumed run's logs have no repeated steps.
+    `wandb_project`: log to this wandb project too (the `wandb` extra; `WANDB_MODE=offline` works with
+    no network), as one wandb run per run dir: its id is kept in `<logdir>/wandb_id`, so a resumed
+    run continues it. Every record carries `env_step`, the x-axis of its charts (the device loop
+    logs a chunk's episodes after the chunk's metrics, so wandb's own step cannot be the env step).
+    `config`: the resolved config, for wandb's run config.
     """
 
-    def __init__(self, logdir: str | Path, tensorboard: bool = True, start_step: int = 0):
+    def __init__(self, logdir: str | Path, tensorboard: bool = True, start_step: int = 0, wandb_project: str = "",
+                 config: Mapping[str, Any] | None = None):
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "scores.jsonl"):
@@ -50,15 +57,18 @@ class RunLogger:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.logdir / "tensorboard"), purge_step=start_step + 1)
+        self._wandb = _start_wandb(self.logdir, wandb_project, config) if wandb_project else None
 
     def metrics(self, step: int, values: Mapping[str, Any]) -> None:
         record = {"env_step": int(step), "time": time.time(), **{k: _plain(v) for k, v in values.items()}}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        scalars = {k: v for k, v in record.items() if k not in ("env_step", "time") and isinstance(v, (int, float))}
         if self._tb is not None:
-            for k, v in record.items():
-                if k not in ("env_step", "time") and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({"env_step": int(step), **scalars})
 
     def score(self, step: int, mode: str, episode_return: float, length: int) -> None:
         record = {"env_step": int(step), "mode": mode, "return": float(episode_return), "length": int(length),
@@ -68,12 +78,33 @@ class RunLogger:
         if self._tb is not None:
             self._tb.add_scalar(f"{mode}/return", float(episode_return), step)
             self._tb.add_scalar(f"{mode}/length", int(length), step)
+        if self._wandb is not None:
+            self._wandb.log({"env_step": int(step), f"{mode}/return": float(episode_return),
+                             f"{mode}/length": int(length)})
 
     def close(self) -> None:
         self._metrics.close()
         self._scores.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(logdir: Path, project: str, config: Mapping[str, Any] | None):
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError('--run.wandb needs wandb: pip install "worldmodels[wandb]" (or pip install wandb); '
+                          "WANDB_MODE=offline logs without a network, and `wandb sync` uploads later") from None
+    id_file = logdir / "wandb_id"
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(8))  # wandb ids: lowercase letters and digits
+    run = wandb.init(project=project, id=id_file.read_text().strip(), resume="allow", dir=str(logdir),
+                     name=logdir.name, config=dict(config or {}))
+    run.define_metric("env_step")
+    run.define_metric("*", step_metric="env_step")
+    return run
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

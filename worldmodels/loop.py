@@ -161,7 +161,8 @@ class HostRun:
         self._start_compiling_train_step()
         if not self.pending:
             self._reset_envs()
-        self.logger = RunLogger(self.logdir, rc.tensorboard, start_step=self.counters["env_steps"])
+        self.logger = RunLogger(self.logdir, rc.tensorboard, start_step=self.counters["env_steps"],
+                                wandb_project=rc.wandb, config=to_dict(self.config))
         self.eval_env = env_fn(rc.seed + 100_000) if rc.eval_every else None
         self.pending_metrics: list[dict] = []
         self.unchecked: list[dict] = []  # metrics of the updates not yet checked for skips
