@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
 from worldmodels import sharding
 from worldmodels.actor_critic import (Actor, ActorCriticConfig, Critic, ReturnNormState, lambda_return,
@@ -387,3 +387,32 @@ def lower_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStr
 def copy_state(state: AgentState) -> AgentState:
     """A copy with fresh buffers (the train step donates its input; keep this to compare against)."""
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, state)
+
+
+@eqx.filter_jit
+def open_loop_video(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray, context: int = 5
+                    ) -> dict[str, UInt8[Array, "t bh w3 c"]]:
+    """DreamerV3's "dreams" as videos: the world model observes the first `context` steps of each
+    replayed sequence from a blank state, then imagines the rest with the replayed actions.
+
+    **Arguments:** `batch`: replayed steps `[B, T]` (any `LATENT` keys are ignored); `context`
+    (static) < T.
+
+    **Returns:** per image observation key, a uint8 video `[T, B * H, 3 * W, C]`: sequence b in
+    rows b*H..(b+1)*H, each frame truth | prediction | error side by side, where error is
+    (prediction - truth + 1) / 2 (grey where they agree).
+    """
+    TRACE_COUNTS["open_loop_video"] += 1
+    wm = state.world_model
+    data = {k: v for k, v in batch.items() if not k.startswith(LATENT)}
+    b = data["is_first"].shape[0]
+    pred = wm.open_loop(data, wm.dynamics.initial(b), context, key)
+    videos = {}
+    for k in wm.decoder.image_keys:
+        truth = data[k].astype(jnp.float32) / 255.0
+        model = jnp.clip(pred[k], 0.0, 1.0)
+        frames = jnp.concatenate([truth, model, (model - truth + 1.0) / 2.0], -2)  # [B, T, H, 3W, C]
+        frames = jnp.swapaxes(frames, 0, 1)  # [T, B, H, 3W, C]
+        frames = frames.reshape(frames.shape[0], -1, *frames.shape[3:])
+        videos[k] = jnp.round(frames * 255.0).astype(jnp.uint8)
+    return videos

@@ -19,6 +19,10 @@ from worldmodels import sharding
 from worldmodels.agent import AgentConfig
 
 
+VIDEO_CONTEXT = 5  # steps an open-loop video observes before it imagines (DreamerV3's report)
+VIDEO_LENGTH = 50  # steps per open-loop video, at most
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The training run around the agent (environment, budget, replay, logging, checkpoints)."""
@@ -44,6 +48,10 @@ class RunConfig:
     # which the host loop stops, writing the batch to the run dir (0: never stop)
     max_skipped_updates: int = 20
     log_every: int = 1000  # environment steps between metric logs
+    # Environment steps between open-loop prediction videos of replayed sequences (image observations;
+    # 0: none): 5 observed steps, then up to 45 imagined, truth | model | error (agent.open_loop_video)
+    video_every: int = 0
+    eval_video: bool = False  # the same video of the first greedy evaluation episode at each evaluation
     checkpoint_every: int = 10_000  # environment steps between checkpoints (and at exit)
     seed: int = 0
     # The devices the host loop trains on (worldmodels.sharding): "data" splits each batch over every
@@ -185,7 +193,7 @@ _AT_LEAST_ONE = ("run.num_envs", "run.steps", "run.batch_size", "run.seq_len", "
                  "agent.world_model.sequence.s3m.hidden", "agent.world_model.sequence.s3m.stoch",
                  "agent.world_model.sequence.s3m.hippo_blocks", "agent.actor_critic.units",
                  "agent.actor_critic.horizon", "agent.actor_critic.bins")
-_AT_LEAST_ZERO = ("run.train_ratio", "run.train_start", "run.eval_every", "run.eval_episodes",
+_AT_LEAST_ZERO = ("run.train_ratio", "run.train_start", "run.eval_every", "run.eval_episodes", "run.video_every",
                   "run.final_eval_episodes", "run.checkpoint_every", "run.max_skipped_updates", "agent.world_model.layers",
                   "agent.world_model.head_layers", "agent.world_model.head_units", "agent.world_model.cnn_depth",
                   "agent.world_model.free_nats", "agent.optim.warmup", "agent.optim.weight_decay",
@@ -288,6 +296,13 @@ def validate(config: Config) -> None:
     if rc.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"--run.wandb {rc.wandb!r} needs wandb, which is not installed: "
                           'pip install "worldmodels[wandb]" (WANDB_MODE=offline logs without a network)')
+    if (rc.video_every or rc.eval_video) and importlib.util.find_spec("imageio") is None:
+        raise ConfigError(f"--run.video-every {rc.video_every} / --run.eval-video {rc.eval_video}: videos need "
+                          'imageio, which is not installed: pip install "worldmodels[video]"')
+    if rc.video_every and rc.window <= VIDEO_CONTEXT:
+        raise ConfigError(f"--run.video-every {rc.video_every}: a video observes {VIDEO_CONTEXT} replayed steps and "
+                          f"imagines the rest of a window of {rc.window} (--run.seq-len {rc.seq_len}); use "
+                          f"--run.seq-len {VIDEO_CONTEXT + 1} or more")
     per_env = rc.replay_capacity // rc.num_envs
     if per_env < rc.window:
         raise ConfigError(f"--run.replay-capacity {rc.replay_capacity}: holds {per_env} steps per env "

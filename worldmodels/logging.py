@@ -1,8 +1,9 @@
-"""Run logs: `metrics.jsonl`, `scores.jsonl` and TensorBoard, one writer for all three."""
+"""Run logs: `metrics.jsonl`, `scores.jsonl`, TensorBoard, wandb and videos, one writer for all."""
 
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import secrets
 import time
@@ -82,6 +83,26 @@ class RunLogger:
             self._wandb.log({"env_step": int(step), f"{mode}/return": float(episode_return),
                              f"{mode}/length": int(length)})
 
+    def video(self, step: int, name: str, frames: np.ndarray, fps: int = 10) -> Path:
+        """Write a uint8 video `[T, H, W, C]` as `<logdir>/videos/<name>_<step>.mp4` (a `.gif` without
+        imageio-ffmpeg), to TensorBoard as an animated GIF (its Images tab) and to wandb.
+
+        **Returns:** the video file's path.
+        """
+        frames = _rgb(frames)
+        path = write_video(self.logdir / "videos" / f"{name.replace('/', '_')}_{int(step):09d}", frames, fps)
+        if self._tb is not None:
+            from tensorboardX.proto.summary_pb2 import Summary
+
+            t, h, w, c = frames.shape
+            image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=_gif_bytes(frames, fps))
+            self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=name, image=image)]), int(step))
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"env_step": int(step), name: wandb.Video(str(path), fps=fps, format=path.suffix[1:])})
+        return path
+
     def close(self) -> None:
         self._metrics.close()
         self._scores.close()
@@ -89,6 +110,36 @@ class RunLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _rgb(frames: np.ndarray) -> np.ndarray:
+    """uint8 `[T, H, W, 3]` from `[T, H, W, 1 or 3]` (grey images repeated; video codecs take RGB)."""
+    frames = np.asarray(frames, np.uint8)
+    return np.repeat(frames, 3, -1) if frames.shape[-1] == 1 else frames
+
+
+def _gif_bytes(frames: np.ndarray, fps: int) -> bytes:
+    import imageio.v3 as iio
+
+    return iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+
+
+def write_video(stem: Path, frames: np.ndarray, fps: int = 10) -> Path:
+    """A uint8 video `[T, H, W, C]` to `<stem>.mp4` (imageio with imageio-ffmpeg: H.264), or to
+    `<stem>.gif` when imageio-ffmpeg is missing. **Returns:** the path written."""
+    try:
+        import imageio.v2 as imageio
+    except ImportError:
+        raise ImportError('videos need imageio: pip install "worldmodels[video]"') from None
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    frames = _rgb(frames)
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        path = stem.with_suffix(".mp4")
+        imageio.mimwrite(path, frames, format="FFMPEG", fps=fps, macro_block_size=1)
+    else:
+        path = stem.with_suffix(".gif")
+        path.write_bytes(_gif_bytes(frames, fps))
+    return path
 
 
 def _start_wandb(logdir: Path, project: str, config: Mapping[str, Any] | None):

@@ -33,7 +33,7 @@ import numpy as np
 from worldmodels import agent as agent_lib
 from worldmodels import sharding, signing, spaces
 from worldmodels.checkpoint import Checkpointer
-from worldmodels.config import Config, dumps, to_dict, validate
+from worldmodels.config import VIDEO_CONTEXT, VIDEO_LENGTH, Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import ReplayBuffer
 from worldmodels.resume import (RESUME_MAY_CHANGE, ConfigMismatchError, NonFiniteUpdatesError,  # noqa: F401
@@ -80,17 +80,26 @@ def _set_env_state(envs: gym.vector.SyncVectorEnv, saved: dict[str, Any]) -> Non
 
 
 def evaluate(state: agent_lib.AgentState, env: gym.Env, episodes: int, key: jax.Array,
-             max_steps: int = 100_000) -> list[tuple[float, int]]:
-    """Greedy episodes on a single env: [(return, length)]."""
+             max_steps: int = 100_000, recording: dict[str, np.ndarray] | None = None,
+             record_steps: int = 0) -> list[tuple[float, int]]:
+    """Greedy episodes on a single env: [(return, length)].
+
+    With a `recording` dict, the first episode's first `record_steps` steps go into it as a batch
+    of one sequence (`[1, T]`: observation keys, `action` into each step, `is_first`), e.g. for
+    `agent.open_loop_video`.
+    """
     space = env.observation_space
-    results = []
-    for _ in range(episodes):
+    results, steps = [], []
+    for episode in range(episodes):
         obs, _ = env.reset()
         carry = agent_lib.initial_carry(state, 1)
         is_first, total, length = True, 0.0, 0
+        action = np.zeros((1, state.action_spec.dim), np.float32)
         while length < max_steps:
             key, k = jax.random.split(key)
             batch = spaces.batch_obs(space, jax.tree.map(lambda x: np.asarray(x)[None], obs), 1)
+            if recording is not None and episode == 0 and length < record_steps:
+                steps.append({**batch, "action": np.asarray(action, np.float32), "is_first": np.array([is_first])})
             action, carry = agent_lib.policy(state, carry, {**batch, "is_first": np.array([is_first])}, k, True)
             obs, reward, terminated, truncated, _ = env.step(spaces.env_actions(env.action_space, action)[0])
             total += float(reward)
@@ -99,6 +108,8 @@ def evaluate(state: agent_lib.AgentState, env: gym.Env, episodes: int, key: jax.
             if terminated or truncated:
                 break
         results.append((total, length))
+    if recording is not None and steps:
+        recording.update({k: np.stack([s[k] for s in steps], 1) for k in steps[0]})
     return results
 
 
@@ -185,6 +196,10 @@ class HostRun:
         self.obs_space, self.act_space = envs.single_observation_space, envs.single_action_space
         self.act_spec = spaces.action_spec(self.act_space)
         obs_spec = spaces.obs_spec(self.obs_space)
+        if (rc.video_every or rc.eval_video) and not any(len(shape) == 3 for shape, _ in obs_spec.values()):
+            raise ValueError(f"--run.video-every / --run.eval-video: env {rc.env!r} has no image observations "
+                             f"({obs_spec}); open-loop videos show predicted images. Drop the option, or use an "
+                             "image env (e.g. dmc-vision/...)")
         n = self.n = rc.num_envs
         self.state = agent_lib.init(self.config.agent, obs_spec, self.act_spec, jax.random.PRNGKey(rc.seed))
         print(f"agent: {agent_lib.count_params(self.state.params):,} parameters; observations {obs_spec}; "
@@ -372,12 +387,18 @@ class HostRun:
         if steps - counters["last_log"] >= rc.log_every:
             counters["last_log"] = steps
             self._log_metrics(steps)
+        if rc.video_every and steps - counters.get("last_video", 0) >= rc.video_every:
+            counters["last_video"] = steps
+            self._open_loop_video(steps)
         if self.eval_env is not None and steps - counters["last_eval"] >= rc.eval_every:
             counters["last_eval"] = steps
             # a key of its own (not split from the loop's), so evaluating never changes training
             k_eval = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 2), steps)
-            for ret, length in evaluate(self.state, self.eval_env, rc.eval_episodes, k_eval):
+            recording = {} if rc.eval_video else None
+            for ret, length in evaluate(self.state, self.eval_env, rc.eval_episodes, k_eval, recording=recording,
+                                        record_steps=VIDEO_LENGTH):
                 self.logger.score(steps, "eval", ret, length)
+            self._eval_video(steps, recording)
         if rc.checkpoint_every and steps - counters["last_checkpoint"] >= rc.checkpoint_every:
             self.checkpoint()
         if self.progress is not None:
@@ -393,8 +414,30 @@ class HostRun:
         if self.eval_env is None:
             self.eval_env = self.env_fn(rc.seed + 100_000)
         key_eval = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 3), steps)
-        results = evaluate(self.state, self.eval_env, rc.final_eval_episodes, key_eval)
+        recording = {} if rc.eval_video else None
+        results = evaluate(self.state, self.eval_env, rc.final_eval_episodes, key_eval, recording=recording,
+                           record_steps=VIDEO_LENGTH)
         self.final_eval = final_evaluation_report(self.logger, steps, *zip(*results), self.recent)
+        self._eval_video(steps, recording)
+
+    def _open_loop_video(self, steps: int) -> None:
+        """Open-loop predictions of 4 replayed sequences (agent.open_loop_video), from a generator and a key
+        of their own, so that videos never change training."""
+        length = min(VIDEO_LENGTH, self.rc.window)
+        if not self.replay.can_sample(length):
+            return
+        batch = self.replay.sample(4, length, np.random.default_rng([self.rc.seed, steps]))
+        key = jax.random.fold_in(jax.random.PRNGKey(self.rc.seed + 4), steps)
+        for name, frames in jax.device_get(agent_lib.open_loop_video(self.state, batch, key, VIDEO_CONTEXT)).items():
+            self.logger.video(steps, f"open_loop/{name}", frames)
+
+    def _eval_video(self, steps: int, recording: dict | None) -> None:
+        """The same video of the first evaluation episode's first steps (with the actions it took)."""
+        if not recording or recording["is_first"].shape[1] <= VIDEO_CONTEXT:
+            return
+        key = jax.random.fold_in(jax.random.PRNGKey(self.rc.seed + 5), steps)
+        for name, frames in jax.device_get(agent_lib.open_loop_video(self.state, recording, key, VIDEO_CONTEXT)).items():
+            self.logger.video(steps, f"eval_open_loop/{name}", frames)
 
     def checkpoint(self, wait: bool = False) -> None:
         rc, counters = self.rc, self.counters

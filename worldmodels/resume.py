@@ -29,7 +29,8 @@ class ConfigMismatchError(ValueError):
 # The mesh may change: the agent state is the same on every device and replay lives on the host, so a
 # checkpoint restores onto any number of devices.
 RESUME_MAY_CHANGE = {"steps", "log_every", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
-                     "max_skipped_updates", "mesh", "trust_env_pickle", "logdir", "tensorboard", "wandb", "progress"}
+                     "max_skipped_updates", "mesh", "trust_env_pickle", "logdir", "tensorboard", "wandb",
+                     "video_every", "eval_video", "progress"}
 
 
 def check_resumable(logdir: Path, config: Config) -> None:

@@ -239,6 +239,33 @@ class WorldModel(eqx.Module):
                    / jnp.maximum(terminal.sum(), 1.0)}
         return total.mean(), (post, metrics)
 
+    def open_loop(self, data: Mapping[str, Array], state: State, context: int, key: PRNGKeyArray
+                  ) -> dict[str, Float[Array, "b t ..."]]:
+        """Observe the first `context` steps of `data`, then imagine the rest with its actions
+        (DreamerV3's open-loop predictions).
+
+        **Arguments:** `data` as for `loss` (`[B, T]`; rewards and flags other than `is_first` unused),
+        `state` the sequence model's state before the first step (`[B]`), `context` < T.
+
+        **Returns:** the decoder's predictions by observation key, `[B, T, ...]` (images in [0, 1]):
+        reconstructions of the `context` observed steps, then T - context imagined ones.
+        """
+        k1, k2 = jax.random.split(key)
+        head = {k: v[:, :context] for k, v in data.items()}
+        post, _ = self.dynamics.observe(state, self.encoder(head), head["action"], head["is_first"], k1)
+
+        def step(s, inputs):
+            action, k = inputs
+            s = self.dynamics.img_step(s, action, k)
+            return s, s
+
+        actions = jnp.swapaxes(data["action"][:, context:], 0, 1)  # the action into each imagined step
+        last = jax.tree.map(lambda x: x[:, -1], post)
+        _, imagined = jax.lax.scan(step, last, (actions, jax.random.split(k2, actions.shape[0])))
+        imagined = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), imagined)
+        feat = jnp.concatenate([self.dynamics.features(post), self.dynamics.features(imagined)], 1)
+        return self.decoder(feat)
+
     def imagine(self, start: State, policy: Callable[[Array, PRNGKeyArray], Array], horizon: int,
                 key: PRNGKeyArray) -> tuple[State, Float[Array, "n h a"]]:
         """Roll the prior forward from `start` (`[N]`) with actions from `policy(policy_features, key)`.
