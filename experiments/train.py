@@ -33,6 +33,7 @@ import envs  # noqa: E402
 from envs.parallel import ParallelVectorEnv  # noqa: E402
 from experiments.presets import register as register_presets  # noqa: E402
 from worldmodels import loop, sharding  # noqa: E402
+from worldmodels.device_loop import check_options as check_device_loop_options  # noqa: E402
 from worldmodels.config import PRESETS, Config, ConfigError, dumps, make_config, override, validate  # noqa: E402
 
 
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = apply_smoke_steps(config)
     try:
         validate(config)
-        if not device_loop:  # the devices the host loop splits each batch over (worldmodels.sharding)
+        if device_loop:
+            check_device_loop_options(config)
+        else:  # the devices the host loop splits each batch over (worldmodels.sharding)
             mesh = sharding.make_mesh(config.run.mesh)
             if sharding.data_size(mesh) > 1:
                 sharding.check_batch("--run.batch-size", config.run.batch_size, mesh)

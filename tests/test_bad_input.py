@@ -54,6 +54,9 @@ CLI_CASES = [
     (["--env", "gym:"], "has no id after 'gym:'"),
     (["--preset", "size9m"], "unknown preset(s) 'size9m'; valid presets:"),
     (["--device-loop", "--env", "gym:CartPole-v1"], "--device-loop needs a bsuite env"),
+    (["--device-loop", "--env", "bsuite/catch/0", "--run.save-episodes"],
+     "--run.save-episodes: options of the host loop only"),
+    (["--run.video-every", "100", "--run.seq-len", "4"], "--run.video-every 100: a video observes 5 replayed steps"),
     (["--run.mesh", "model=2"], "--run.mesh 'model=2': must be 'data' (every visible device) or 'data=N'"),
     (["--run.mesh", "data=2"], "run.mesh 'data=2' asks for 2 devices; 1 are visible"),  # this process: 1 CPU device
 ]

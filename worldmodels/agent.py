@@ -45,6 +45,9 @@ class AgentConfig:
     # The networks' compute dtype. DreamerV3 2024 computes in bfloat16 with float32 parameters, which
     # pays on GPUs and TPUs; parameters, optimiser, logits, distributions and losses stay float32.
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # A run of `python -m experiments.train_world_model` whose world model a fresh agent starts from
+    # (the host loop loads it; its world-model config must equal this one's)
+    init_world_model: str = ""
 
 
 @dataclass(frozen=True)

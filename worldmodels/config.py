@@ -48,6 +48,9 @@ class RunConfig:
     # which the host loop stops, writing the batch to the run dir (0: never stop)
     max_skipped_updates: int = 20
     log_every: int = 1000  # environment steps between metric logs
+    # Record each finished episode as <logdir>/episodes/<env step>-<env>.npz (worldmodels.offline), to
+    # train world models offline (python -m experiments.train_world_model --data <logdir>/episodes)
+    save_episodes: bool = False
     # Environment steps between open-loop prediction videos of replayed sequences (image observations;
     # 0: none): 5 observed steps, then up to 45 imagined, truth | model | error (agent.open_loop_video)
     video_every: int = 0

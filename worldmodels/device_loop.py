@@ -41,7 +41,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from worldmodels import agent as agent_lib
 from worldmodels.agent import ActionSpec, AgentState, PolicyCarry
 from worldmodels.checkpoint import Checkpointer
-from worldmodels.config import Config, dumps, to_dict, validate
+from worldmodels.config import Config, ConfigError, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_pad, replay_sample_windows,
                                 replay_stored, replay_stored_part, replay_update)
@@ -325,6 +325,16 @@ def fresh_buffers(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)
 
 
+def check_options(config: Config) -> None:
+    """Refuse the host loop's options that the device loop does not have (`ConfigError`)."""
+    host_only = {"--run.save-episodes": config.run.save_episodes, "--run.video-every": config.run.video_every,
+                 "--run.eval-video": config.run.eval_video, "--agent.init-world-model": config.agent.init_world_model}
+    asked = [flag for flag, value in host_only.items() if value]
+    if asked:
+        raise ConfigError(f"{', '.join(asked)}: options of the host loop only (the device loop's bsuite envs have "
+                          "no images, and it records no episodes); drop them, or drop --device-loop")
+
+
 def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: int | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `config.run.logdir` for `config.run.steps` env steps (rounded up to
     whole chunks) with the device loop, logging `metrics.jsonl` (one line per chunk) and `scores.jsonl`
@@ -347,6 +357,7 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
     agent `state` and `replay`.
     """
     validate(config)  # before anything is built or compiled
+    check_options(config)
     rc = config.run
     logdir = Path(rc.logdir)
     logdir.mkdir(parents=True, exist_ok=True)

@@ -25,13 +25,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import equinox as eqx
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from worldmodels import agent as agent_lib
-from worldmodels import sharding, signing, spaces
+from worldmodels import offline, sharding, signing, spaces
 from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import VIDEO_CONTEXT, VIDEO_LENGTH, Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
@@ -205,6 +206,12 @@ class HostRun:
         print(f"agent: {agent_lib.count_params(self.state.params):,} parameters; observations {obs_spec}; "
               f"actions {self.act_spec}")
         self.key = jax.random.PRNGKey(rc.seed + 1)
+        if self.config.agent.init_world_model and not (self.logdir / "checkpoints").is_dir():
+            # a fresh run starts from a world model trained offline (a resume restores its own)
+            wm = offline.load_world_model(self.config.agent.init_world_model, self.config, self.obs_space,
+                                          self.act_space)
+            self.state = eqx.tree_at(lambda s: s.world_model, self.state, wm)
+            print(f"world model from {self.config.agent.init_world_model}")
         # Many devices: the state and keys on every device, each batch split along B over them (and the
         # env batch too, where the device count divides it). One device: no mesh, the plain programs.
         mesh = sharding.make_mesh(rc.mesh)
@@ -227,9 +234,14 @@ class HostRun:
         self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, np.int64)
         self.recent = RecentReturns(recent_window(rc.steps))  # the episodes that ended in the run's last tenth
         self.ckpt = Checkpointer(self.logdir / "checkpoints", max_to_keep=2)
+        self.recording: list[list | None] = [None] * n  # --run.save-episodes: each env's episode so far
         if self.ckpt.latest_step() is not None:
             self._resume()
         (self.logdir / "config.json").write_text(dumps(self.config))
+        if rc.save_episodes:
+            (self.logdir / "episodes").mkdir(exist_ok=True)
+            (self.logdir / "episodes" / "spaces.json").write_text(json.dumps(
+                {"observation": spaces.space_to_dict(self.obs_space), "action": spaces.space_to_dict(self.act_space)}))
         # what the agent reads and writes, so that worldmodels.load acts without making the env
         (self.logdir / "spaces.json").write_text(json.dumps(
             {"observation": spaces.space_to_dict(self.obs_space), "action": spaces.space_to_dict(self.act_space)}))
@@ -333,6 +345,8 @@ class HostRun:
         latent = agent_lib.replay_latent(self.state, self.carry) if rc.replay_context else {}
         action, latent = jax.device_get((action, latent))  # one wait for both
         self.replay.add({**self.pending, **latent})
+        if rc.save_episodes:
+            self._record(self.pending)
         done = self.pending["is_last"]
         obs, reward, terminated, truncated, info = self.envs.step(spaces.env_actions(self.act_space, action))
         problem = spaces.output_problem(self.obs_space, obs, reward, n)
@@ -355,6 +369,22 @@ class HostRun:
             counters["episodes"] += 1
             self.recent.add(counters["env_steps"], float(self.episode_return[i]))
             self.logger.score(counters["env_steps"], "train", self.episode_return[i], self.episode_length[i])
+
+    def _record(self, step: dict[str, np.ndarray]) -> None:
+        """--run.save-episodes: keep each env's stored steps; an episode that ends becomes
+        `episodes/<env step>-<env>.npz` (worldmodels.offline). An episode this process did not see
+        start (one under way at a resume, or dropped by an env restart) is not written."""
+        for i in range(self.n):
+            if step["is_first"][i]:
+                self.recording[i] = []
+            if self.recording[i] is None:
+                continue
+            self.recording[i].append({k: v[i] for k, v in step.items()})
+            if step["is_last"][i]:
+                steps = self.recording[i]
+                episode = {k: np.stack([s[k] for s in steps]) for k in steps[0]}
+                offline.save_episode(self.logdir / "episodes" / f"{self.counters['env_steps']:010d}-{i}.npz", episode)
+                self.recording[i] = None
 
     def train(self) -> None:
         """The updates owed: train_ratio replayed steps per env step, from train_start on."""

@@ -30,7 +30,7 @@ class ConfigMismatchError(ValueError):
 # checkpoint restores onto any number of devices.
 RESUME_MAY_CHANGE = {"steps", "log_every", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
                      "max_skipped_updates", "mesh", "trust_env_pickle", "logdir", "tensorboard", "wandb",
-                     "video_every", "eval_video", "progress"}
+                     "video_every", "eval_video", "save_episodes", "progress"}
 
 
 def check_resumable(logdir: Path, config: Config) -> None:
