@@ -1,10 +1,13 @@
 """The notebooks run top to bottom against the current API (with a tiny model and a short run)."""
 
 import json
+import os
+import time
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -34,3 +37,37 @@ def test_world_model_tour_runs(tmp_path, monkeypatch):
     assert namespace["recon"].shape == (1, T, 4) and np.isfinite(namespace["recon"]).all()
     p_continue = np.asarray(namespace["wm"].cont(namespace["feat"]).mean())
     assert p_continue.shape == (T, 1 + 15) and ((p_continue >= 0) & (p_continue <= 1)).all()
+
+
+REPO = NOTEBOOKS.parent
+
+
+def execute_quick(name: str, cwd: Path, monkeypatch, timeout: int = 900):
+    """Run a notebook top to bottom in a Jupyter kernel (nbclient) with `QUICK = True` in its
+    `parameters` cell, in `cwd`. **Returns:** the executed notebook and the seconds it took."""
+    nbformat = pytest.importorskip("nbformat", reason="the notebook extra")
+    nbclient = pytest.importorskip("nbclient", reason="the notebook extra")
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    (params,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert "QUICK = False" in params.source, f"{name}: its parameters cell must set QUICK = False"
+    params.source = params.source.replace("QUICK = False", "QUICK = True")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    start = time.time()
+    nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd)}}).execute()
+    return notebook, time.time() - start
+
+
+def _outputs(notebook, kind: str) -> list:
+    return [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if kind in o.get("data", {})]
+
+
+def test_quickstart_runs(tmp_path, monkeypatch):
+    notebook, seconds = execute_quick("quickstart.ipynb", tmp_path, monkeypatch)
+    print(f"quickstart.ipynb: {seconds:.0f} s")
+    assert (tmp_path / "runs" / "quickstart" / "checkpoints").is_dir()
+    assert _outputs(notebook, "image/png")  # the learning curve
+    assert any("greedy returns" in "".join(o.get("text", "")) for c in notebook.cells
+               for o in c.get("outputs", []))
+    assert any("<script" in "".join(o["data"]["text/html"]) for o in _outputs(notebook, "text/html"))  # animation
