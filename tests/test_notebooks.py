@@ -71,3 +71,10 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert any("greedy returns" in "".join(o.get("text", "")) for c in notebook.cells
                for o in c.get("outputs", []))
     assert any("<script" in "".join(o["data"]["text/html"]) for o in _outputs(notebook, "text/html"))  # animation
+
+
+def test_your_own_data_runs(tmp_path, monkeypatch):
+    notebook, seconds = execute_quick("your_own_data.ipynb", tmp_path, monkeypatch)
+    print(f"your_own_data.ipynb: {seconds:.0f} s")
+    assert len(list((tmp_path / "data" / "pendulum").glob("*.npz"))) == 12
+    assert len(_outputs(notebook, "image/png")) == 2  # the losses and the imagined trajectories
