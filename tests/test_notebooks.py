@@ -78,3 +78,11 @@ def test_your_own_data_runs(tmp_path, monkeypatch):
     print(f"your_own_data.ipynb: {seconds:.0f} s")
     assert len(list((tmp_path / "data" / "pendulum").glob("*.npz"))) == 12
     assert len(_outputs(notebook, "image/png")) == 2  # the losses and the imagined trajectories
+
+
+def test_dreams_runs(tmp_path, monkeypatch):
+    notebook, seconds = execute_quick("dreams.ipynb", tmp_path, monkeypatch)
+    print(f"dreams.ipynb: {seconds:.0f} s")
+    text = "".join("".join(o.get("text", "")) for c in notebook.cells for o in c.get("outputs", []))
+    assert "video (50, 128, 192, 3) uint8" in text
+    assert any("<script" in "".join(o["data"]["text/html"]) for o in _outputs(notebook, "text/html"))

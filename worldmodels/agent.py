@@ -32,6 +32,7 @@ from worldmodels.dists import TwoHot, sg
 from worldmodels.optim import OptimConfig, decay_mask, make_optimizer
 from worldmodels.sequence.base import SequenceModel, State
 from worldmodels.world_model import ObsSpec, WorldModel, WorldModelConfig
+from worldmodels.world_model import open_loop_video as open_loop_video_of
 
 # How often each jitted function has been traced (compiled); tests check it stays at one.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -395,27 +396,7 @@ def copy_state(state: AgentState) -> AgentState:
 @eqx.filter_jit
 def open_loop_video(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray, context: int = 5
                     ) -> dict[str, UInt8[Array, "t bh w3 c"]]:
-    """DreamerV3's "dreams" as videos: the world model observes the first `context` steps of each
-    replayed sequence from a blank state, then imagines the rest with the replayed actions.
-
-    **Arguments:** `batch`: replayed steps `[B, T]` (any `LATENT` keys are ignored); `context`
-    (static) < T.
-
-    **Returns:** per image observation key, a uint8 video `[T, B * H, 3 * W, C]`: sequence b in
-    rows b*H..(b+1)*H, each frame truth | prediction | error side by side, where error is
-    (prediction - truth + 1) / 2 (grey where they agree).
-    """
+    """DreamerV3's "dreams" of the agent's world model: `world_model.open_loop_video` (which see)."""
     TRACE_COUNTS["open_loop_video"] += 1
-    wm = state.world_model
-    data = {k: v for k, v in batch.items() if not k.startswith(LATENT)}
-    b = data["is_first"].shape[0]
-    pred = wm.open_loop(data, wm.dynamics.initial(b), context, key)
-    videos = {}
-    for k in wm.decoder.image_keys:
-        truth = data[k].astype(jnp.float32) / 255.0
-        model = jnp.clip(pred[k], 0.0, 1.0)
-        frames = jnp.concatenate([truth, model, (model - truth + 1.0) / 2.0], -2)  # [B, T, H, 3W, C]
-        frames = jnp.swapaxes(frames, 0, 1)  # [T, B, H, 3W, C]
-        frames = frames.reshape(frames.shape[0], -1, *frames.shape[3:])
-        videos[k] = jnp.round(frames * 255.0).astype(jnp.uint8)
-    return videos
+    return open_loop_video_of(state.world_model, {k: v for k, v in batch.items() if not k.startswith(LATENT)},
+                              key, context)

@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
 from worldmodels.dists import Bernoulli, TwoHot, sg, symexp_bins, symlog
 from worldmodels.nn import MLP, ConvDecoder, ConvEncoder, Linear
@@ -284,3 +284,28 @@ class WorldModel(eqx.Module):
         swap = lambda x: jnp.swapaxes(x, 0, 1)
         states = jax.tree.map(lambda s0, s: jnp.concatenate([s0[:, None], swap(s)], 1), start, states)
         return states, swap(actions)
+
+
+def open_loop_video(wm: WorldModel, batch: Mapping[str, Array], key: PRNGKeyArray, context: int = 5
+                    ) -> dict[str, UInt8[Array, "t bh w3 c"]]:
+    """DreamerV3's "dreams" as videos: the world model observes the first `context` steps of each
+    sequence from a blank state, then imagines the rest with the sequence's actions (`open_loop`).
+    Pure; jit it (`agent.open_loop_video` is the agent's compiled one) with `context` static.
+
+    **Arguments:** `batch`: steps `[B, T]` as for `WorldModel.loss`; `context` < T.
+
+    **Returns:** per image observation key, a uint8 video `[T, B * H, 3 * W, C]`: sequence b in
+    rows b*H..(b+1)*H, each frame truth | prediction | error side by side, where error is
+    (prediction - truth + 1) / 2 (grey where they agree).
+    """
+    b = batch["is_first"].shape[0]
+    pred = wm.open_loop(batch, wm.dynamics.initial(b), context, key)
+    videos = {}
+    for k in wm.decoder.image_keys:
+        truth = batch[k].astype(jnp.float32) / 255.0
+        model = jnp.clip(pred[k], 0.0, 1.0)
+        frames = jnp.concatenate([truth, model, (model - truth + 1.0) / 2.0], -2)  # [B, T, H, 3W, C]
+        frames = jnp.swapaxes(frames, 0, 1)  # [T, B, H, 3W, C]
+        frames = frames.reshape(frames.shape[0], -1, *frames.shape[3:])
+        videos[k] = jnp.round(frames * 255.0).astype(jnp.uint8)
+    return videos
