@@ -86,3 +86,11 @@ def test_dreams_runs(tmp_path, monkeypatch):
     text = "".join("".join(o.get("text", "")) for c in notebook.cells for o in c.get("outputs", []))
     assert "video (50, 128, 192, 3) uint8" in text
     assert any("<script" in "".join(o["data"]["text/html"]) for o in _outputs(notebook, "text/html"))
+
+
+def test_memory_runs(tmp_path, monkeypatch):
+    notebook, seconds = execute_quick("memory.ipynb", tmp_path, monkeypatch)
+    print(f"memory.ipynb: {seconds:.0f} s")
+    text = "".join("".join(o.get("text", "")) for c in notebook.cells for o in c.get("outputs", []))
+    assert "DreamerV3 (RSSM): cue read back at steps 0..10" in text and "R2I (S3M): cue read back" in text
+    assert _outputs(notebook, "image/png")

@@ -78,6 +78,9 @@ def test_load_restores_the_trained_state_and_acts_as_the_loop(cartpole_run):
         got = [policy.act(obs, greedy=greedy, first=first, key=k) for obs, first, k in zip(observations, firsts, keys)]
         assert all(np.ndim(a) == 0 and a in (0, 1) for a in got)  # what CartPole's step takes
         assert [int(a) for a in got] == [int(a) for a in expected]
+    policy.reset()
+    policy.act(observations[0])
+    assert policy.features.shape == (1, policy.world_model.dynamics.policy_feature_dim)
     # sampled actions differ from greedy ones somewhere (the comparison above can fail)
     batches, flags = [o[None] for o in observations], [[f] for f in firsts]
     assert _loop_actions(trained, batches, flags, keys, True) != _loop_actions(trained, batches, flags, keys, False)

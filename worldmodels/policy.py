@@ -104,6 +104,17 @@ class Policy:
     def world_model(self) -> WorldModel:
         return self.agent_state.world_model
 
+    @property
+    def latent(self):
+        """The world model's recurrent state after the last `act` (a PyTree, `[N, ...]` leaves)."""
+        return self._carry.latent
+
+    @property
+    def features(self) -> np.ndarray:
+        """What the actor read at the last `act`: `world_model.dynamics.policy_features(latent)`, `[N, F]`
+        (e.g. to probe what the state remembers)."""
+        return np.asarray(self.world_model.dynamics.policy_features(self._carry.latent))
+
     def reset(self, batch_size: int = 1) -> None:
         """Start new episodes in `batch_size` envs: the next `act` takes `batch_size` observations
         (with `batch_size` 1, one env's unbatched observation) and starts from a fresh latent."""
