@@ -238,13 +238,14 @@ class HostRun:
         if self.ckpt.latest_step() is not None:
             self._resume()
         (self.logdir / "config.json").write_text(dumps(self.config))
+        # what the agent reads and writes, so that worldmodels.load acts without making the env (and
+        # what recorded episodes hold)
+        spaces_json = json.dumps({"observation": spaces.space_to_dict(self.obs_space),
+                                  "action": spaces.space_to_dict(self.act_space)})
+        (self.logdir / "spaces.json").write_text(spaces_json)
         if rc.save_episodes:
             (self.logdir / "episodes").mkdir(exist_ok=True)
-            (self.logdir / "episodes" / "spaces.json").write_text(json.dumps(
-                {"observation": spaces.space_to_dict(self.obs_space), "action": spaces.space_to_dict(self.act_space)}))
-        # what the agent reads and writes, so that worldmodels.load acts without making the env
-        (self.logdir / "spaces.json").write_text(json.dumps(
-            {"observation": spaces.space_to_dict(self.obs_space), "action": spaces.space_to_dict(self.act_space)}))
+            (self.logdir / "episodes" / "spaces.json").write_text(spaces_json)
 
     def _resume(self) -> None:
         ckpt, logdir, replay = self.ckpt, self.logdir, self.replay
