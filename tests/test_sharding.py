@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
+import worldmodels
 from worldmodels import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +71,11 @@ def test_host_loop_trains_on_4_devices_and_resumes_on_2(tmp_path):
     assert "'env_steps': 256" in summary
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["updates"] > metrics[0]["updates"] > 0 and np.isfinite(metrics[-1]["loss/total"])
+    # written on 2 devices, loaded and acting in this 1-device process (as a GPU run loads on a CPU)
+    policy = worldmodels.load(tmp_path / "run")
+    assert policy.step == 256
+    assert {d for leaf in jax.tree.leaves(policy.agent_state) for d in leaf.devices()} == {jax.devices()[0]}
+    assert policy.act(np.zeros(policy.observation_space.shape, np.float32)) in (0, 1, 2)
     # a batch that 4 devices do not split: refused before compiling, naming the nearest sizes
     bad = run_on(4, [*common[:-2], "--run.logdir", str(tmp_path / "bad"), "--run.batch-size", "6",
                      "--run.steps", "64"], tmp_path)
