@@ -127,10 +127,12 @@ class Policy:
     def _batched(self, obs: Any) -> bool:
         """Whether `obs` has a leading batch axis (a vector env's) or is one env's observation."""
         space = self.observation_space
-        leaf, leaf_space = (next(iter(obs.values())), next(iter(space.spaces.values()))) \
-            if isinstance(space, gym.spaces.Dict) else (obs, space)
-        ndim = np.ndim(leaf)
-        return ndim > len(leaf_space.shape or ())
+        if isinstance(space, gym.spaces.Dict):
+            key = next(iter(space.spaces))
+            leaf, leaf_space = obs[key], space.spaces[key]
+        else:
+            leaf, leaf_space = obs, space
+        return np.ndim(leaf) > len(leaf_space.shape or ())
 
     def act(self, obs: Any, greedy: bool = True, first: Any = None, key: jax.Array | None = None) -> np.ndarray:
         """The actions for `obs` and the step of the recurrent state.
