@@ -11,7 +11,8 @@ The model is the one `--preset` and `--agent.*` options give (RSSM or S3M, any s
 `--run.batch-size` windows of `--run.seq-len` steps from a blank state, with `--agent.optim.*`.
 Before training and every `--eval-every` updates it prints and logs (`metrics.jsonl`, TensorBoard)
 the held-out losses (reconstruction, reward, continue, KL) and the open-loop prediction error per
-horizon (observe 5 steps, imagine the rest with the recorded actions), and checkpoints the model in
+horizon (observe 5 steps, imagine the rest with the recorded actions, within the episode the window
+starts in), and checkpoints the model in
 `<run.logdir>/checkpoints` at the end. Numbers are per step, as the training loss reports them.
 """
 
@@ -48,8 +49,10 @@ def evaluate(state: offline.WorldModelState, windows: offline.Windows, config, k
     out = {f"heldout/{k.split('/', 1)[1]}": float(v) for k, v in metrics.items() if k.startswith("loss/")}
     for name, per_horizon in errors.items():
         per_horizon = np.asarray(per_horizon)
-        out.update({f"heldout/open_loop_{name}/h{h + 1}": float(e) for h, e in enumerate(per_horizon)})
-        out[f"heldout/open_loop_{name}/mean"] = float(per_horizon.mean())
+        out.update({f"heldout/open_loop_{name}/h{h + 1}": float(e) for h, e in enumerate(per_horizon)
+                    if np.isfinite(e)})
+        # over the horizons that some window reaches inside one episode
+        out[f"heldout/open_loop_{name}/mean"] = float(np.nanmean(per_horizon))
     return out
 
 

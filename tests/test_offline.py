@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import gymnasium as gym
 import jax
 import numpy as np
 import pytest
@@ -76,3 +77,28 @@ def test_train_world_model_errors(tmp_path):
                                                       "action": {"kind": "Discrete", "n": 2, "start": 0}}))
     with pytest.raises(SystemExit, match="no episodes"):
         train_world_model.main(["--data", str(tmp_path), "--preset", "debug", "--run.logdir", str(tmp_path / "x")])
+
+
+def test_open_loop_error_counts_a_window_only_within_one_episode():
+    obs_space, act_space = gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Discrete(2)
+    config = make_config(["debug"])
+    wm = offline.init(config, obs_space, act_space, jax.random.PRNGKey(0)).world_model
+    b, t = 2, 12
+    batch = {"vector": np.random.default_rng(0).normal(size=(b, t, 3)).astype(np.float32),
+             "action": np.zeros((b, t, 2), np.float32), "reward": np.zeros((b, t), np.float32),
+             "is_first": np.zeros((b, t), bool), "is_last": np.zeros((b, t), bool),
+             "is_terminal": np.zeros((b, t), bool)}
+    batch["is_first"][:, 0] = True
+    batch["is_first"][0, 8] = True  # window 0 starts an episode at step 8: 3 steps ahead (5, 6, 7) count
+    key = jax.random.PRNGKey(1)
+    _, errors = offline.held_out(wm, batch, key, 5, config)
+    # by hand: each window's squared error in symlog units, averaged where its episode has not changed
+    pred = np.asarray(wm.open_loop(batch, wm.dynamics.initial(b), 5, key)["vector"])
+    truth = np.sign(batch["vector"]) * np.log1p(np.abs(batch["vector"]))
+    err = ((pred - truth) ** 2).mean(-1)[:, 5:]
+    expected = np.concatenate([err[:, :3].mean(0), err[1, 3:]])  # window 0 counts for 3 steps ahead only
+    np.testing.assert_allclose(np.asarray(errors["vector"]), expected, rtol=1e-4)
+    batch["is_first"][1, 6] = True  # window 1 now counts 1 step ahead only: none reaches 4 steps ahead
+    _, errors = offline.held_out(wm, batch, key, 5, config)
+    np.testing.assert_allclose(np.asarray(errors["vector"])[:3], [err[:, 0].mean(), err[0, 1], err[0, 2]], rtol=1e-4)
+    assert np.isnan(np.asarray(errors["vector"])[3:]).all()

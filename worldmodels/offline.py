@@ -156,16 +156,19 @@ def held_out(wm: WorldModel, batch: Mapping[str, Array], key: PRNGKeyArray, cont
     """The world model's losses on held-out windows, and its open-loop prediction error per horizon:
     after observing `context` steps, the mean squared error of the imagined observations, per step
     ahead (`[T - context]`; images in [0, 1] pixel units, vectors in symlog units, as the decoder's
-    targets)."""
+    targets). A window counts at a horizon only while no episode has started in its imagined part
+    (the model imagines one episode; the recording moved on to the next): NaN where none does."""
     b = batch["is_first"].shape[0]
     _, (_, metrics) = wm.loss(batch, wm.dynamics.initial(b), key, _cont_discount(config))
     pred = wm.open_loop(batch, wm.dynamics.initial(b), context, key)
+    same_episode = jnp.cumsum(batch["is_first"][:, context:], 1) == 0  # [B, T - context]
+    count = same_episode.sum(0)
     errors = {}
     for k, p in pred.items():
         truth = batch[k].astype(jnp.float32)
         truth = truth / 255.0 if k in wm.decoder.image_keys else symlog(truth)
-        err = jnp.square(p - truth).reshape(*p.shape[:2], -1).mean(-1)  # [B, T]
-        errors[k] = err[:, context:].mean(0)
+        err = jnp.square(p - truth).reshape(*p.shape[:2], -1).mean(-1)[:, context:]  # [B, T - context]
+        errors[k] = jnp.where(count > 0, (err * same_episode).sum(0) / jnp.maximum(count, 1), jnp.nan)
     return metrics, errors
 
 
