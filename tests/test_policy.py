@@ -149,6 +149,9 @@ def test_opening_a_run_dir_unpickles_nothing_it_holds(tmp_path, monkeypatch):
     loop.run(config, lambda seed: envs.make(config.run.env, seed=seed))
     monkeypatch.undo()
     assert not marker.exists()
+    with Checkpointer(logdir / "checkpoints") as ckpt:  # signed with this user's key, a hex HMAC-SHA256
+        assert len(ckpt.read_meta(96)["envs_signature"]) == 64
+    # (that a run signed by this user's key restores its envs by default: test_loop's exact resume)
     shutil.copytree(logdir, tmp_path / "copy")
 
     # someone else's run: their key signed it, not ours
@@ -166,19 +169,3 @@ def test_opening_a_run_dir_unpickles_nothing_it_holds(tmp_path, monkeypatch):
         loop.run(more(steps=128, trust_env_pickle=True, logdir=str(tmp_path / "copy")),
                  lambda seed: envs.make(config.run.env, seed=seed))
     assert marker.exists()
-
-
-def test_the_users_own_run_resumes_its_envs_without_a_flag(tmp_path):
-    """Signed with this user's key, the saved envs are restored on resume (exact resume stays the default)."""
-    logdir = tmp_path / "run"
-    config = make_config(["debug"], {"run.env": "gym:CartPole-v1", "run.logdir": str(logdir), "run.steps": 96,
-                                     "run.train_start": 64, "run.final_eval_episodes": 0})
-    loop.run(config, lambda seed: envs.make(config.run.env, seed=seed))
-    with Checkpointer(logdir / "checkpoints") as ckpt:
-        signature = ckpt.read_meta(96)["envs_signature"]
-    assert len(signature) == 64 and int(signature, 16) >= 0  # a hex HMAC-SHA256
-    resumed = dataclasses.replace(config, run=dataclasses.replace(config.run, steps=128))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # neither "not signed" nor "envs restart"
-        summary = loop.run(resumed, lambda seed: envs.make(config.run.env, seed=seed))
-    assert summary["env_steps"] == 128
