@@ -14,8 +14,8 @@ A `Policy` takes raw gymnasium observations (one env's, or a vector env's batch 
 actions the env's `step` takes. `policy.agent_state` and `policy.world_model` are the restored
 PyTrees for library use. Loading reads only arrays and JSON (`config.json`, `spaces.json`, the
 checkpoint's orbax arrays and metadata): nothing from the run directory is unpickled, so a run dir
-from someone else is safe to open. The arrays land on this machine's default device, so a checkpoint
-written on a GPU loads on a CPU.
+from someone else is safe to open. The arrays land on this machine's default device, whatever devices
+wrote them (tests/test_sharding.py loads a run written on 2 devices in a 1-device process).
 """
 
 from __future__ import annotations
