@@ -74,8 +74,8 @@ def split_episodes(episodes: list, holdout: float) -> tuple[list, list]:
     if not 0 < holdout < 1 or len(episodes) < 2:
         raise ValueError(f"holdout {holdout} of {len(episodes)} episodes: need 0 < holdout < 1 and >= 2 episodes")
     every = max(2, round(1 / holdout))
-    held = [i for i in range(len(episodes)) if i % every == every - 1] or [len(episodes) - 1]
-    return [e for i, e in enumerate(episodes) if i not in held], [episodes[i] for i in held]
+    held = {i for i in range(len(episodes)) if i % every == every - 1} or {len(episodes) - 1}
+    return [e for i, e in enumerate(episodes) if i not in held], [episodes[i] for i in sorted(held)]
 
 
 class Windows:
