@@ -240,8 +240,7 @@ class HostRun:
         (self.logdir / "config.json").write_text(dumps(self.config))
         # what the agent reads and writes, so that worldmodels.load acts without making the env (and
         # what recorded episodes hold)
-        spaces_json = json.dumps({"observation": spaces.space_to_dict(self.obs_space),
-                                  "action": spaces.space_to_dict(self.act_space)})
+        spaces_json = json.dumps(spaces.env_spaces_to_dict(self.obs_space, self.act_space))
         (self.logdir / "spaces.json").write_text(spaces_json)
         if rc.save_episodes:
             (self.logdir / "episodes").mkdir(exist_ok=True)

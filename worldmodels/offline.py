@@ -4,7 +4,7 @@ Episodes are `.npz` files (one per episode, `numpy.savez_compressed`) with the r
 each `[T, ...]`: the observation keys (uint8 `[H, W, C]` images, float32 vectors), `action` (the
 action *into* each step: zeros at the first; one-hot for discrete actions), `reward`, `is_first`,
 `is_last`, `is_terminal`. The host loop writes them with `--run.save-episodes`; a directory of them
-also holds `spaces.json` (`worldmodels.spaces.space_to_dict` of one env's observation and action
+also holds `spaces.json` (`worldmodels.spaces.env_spaces_to_dict` of one env's observation and action
 spaces), which says what the world model reads. `python -m experiments.train_world_model` trains
 on them; `--agent.init-world-model RUN` starts an agent from the result.
 """
@@ -51,9 +51,9 @@ def load_episodes(directory: str | Path) -> tuple[list[dict[str, np.ndarray]], A
     if not spec_path.exists():
         raise FileNotFoundError(f"{directory} has no spaces.json: a directory of episodes says what they hold with "
                                 "{'observation': ..., 'action': ...} as written by "
-                                "worldmodels.spaces.space_to_dict (--run.save-episodes writes it)")
+                                "worldmodels.spaces.env_spaces_to_dict (--run.save-episodes writes it)")
     saved = json.loads(spec_path.read_text())
-    obs_space, act_space = spaces.space_from_dict(saved["observation"]), spaces.space_from_dict(saved["action"])
+    obs_space, act_space = spaces.env_spaces_from_dict(saved)
     files = sorted(p for p in directory.glob("*.npz") if not p.name.endswith(".tmp.npz"))
     if not files:
         raise FileNotFoundError(f"{directory} holds no episodes (*.npz)")
@@ -176,8 +176,7 @@ def save(directory: Path, state: WorldModelState, config: Config, obs_space, act
     with Checkpointer(directory, max_to_keep=1) as ckpt:
         ckpt.save(int(state.step), {"world_model_state": state}, None,
                   {**meta, "kind": "world_model", "config": to_dict(config),
-                   "spaces": {"observation": spaces.space_to_dict(obs_space),
-                              "action": spaces.space_to_dict(act_space)}}, wait=True)
+                   "spaces": spaces.env_spaces_to_dict(obs_space, act_space)}, wait=True)
 
 
 def load_world_model(run_dir: str | Path, config: Config, obs_space, act_space) -> WorldModel:
@@ -195,8 +194,7 @@ def load_world_model(run_dir: str | Path, config: Config, obs_space, act_space) 
                              "python -m experiments.train_world_model)")
         saved = from_dict(meta["config"]).agent.world_model
         _check_same(saved, config.agent.world_model, run_dir)
-        saved_spaces = (spaces.space_from_dict(meta["spaces"]["observation"]),
-                        spaces.space_from_dict(meta["spaces"]["action"]))
+        saved_spaces = spaces.env_spaces_from_dict(meta["spaces"])
         if spaces.obs_spec(saved_spaces[0]) != spaces.obs_spec(obs_space) or \
                 spaces.action_spec(saved_spaces[1]) != spaces.action_spec(act_space):
             raise ConfigError(f"--agent.init-world-model {run_dir}: trained on observations "

@@ -54,7 +54,7 @@ def load_spaces(run_dir: str | Path) -> tuple[gym.Space, gym.Space]:
                                 "spaces, e.g. load(run_dir, observation_space=env.single_observation_space, "
                                 "action_space=env.single_action_space) for a vector env")
     saved = json.loads(path.read_text())
-    return spaces.space_from_dict(saved["observation"]), spaces.space_from_dict(saved["action"])
+    return spaces.env_spaces_from_dict(saved)
 
 
 def restore_agent(run_dir: str | Path, config: Config, observation_space: gym.Space, action_space: gym.Space,

@@ -142,3 +142,13 @@ def space_from_dict(d: Mapping[str, Any]) -> gym.Space:
     if kind == "MultiBinary":
         return gym.spaces.MultiBinary(d["n"] if len(d["n"]) > 1 else d["n"][0])
     raise ValueError(f"unknown space kind {kind!r} in a space description")
+
+
+def env_spaces_to_dict(observation: gym.Space, action: gym.Space) -> dict[str, Any]:
+    """One env's spaces as JSON-ready `{"observation": ..., "action": ...}` (what `spaces.json` holds)."""
+    return {"observation": space_to_dict(observation), "action": space_to_dict(action)}
+
+
+def env_spaces_from_dict(d: Mapping[str, Any]) -> tuple[gym.Space, gym.Space]:
+    """The inverse of `env_spaces_to_dict`: (observation space, action space)."""
+    return space_from_dict(d["observation"]), space_from_dict(d["action"])
