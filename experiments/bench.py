@@ -7,10 +7,16 @@
     python -m experiments.bench --cli                # the training CLI's time to its first update
     python -m experiments.bench --compute-dtype bfloat16   # the networks in bfloat16 (for GPUs and TPUs)
     python -m experiments.bench --checkpoint 1       # save + restore of a replay holding 1 GiB of images
+    python -m experiments.bench --devices 1 2 4      # the train step split over 1, 2, 4 devices (a mesh)
 
 Rows: train step at batch 16 x 64 for size1m and size12m with vector observations and size12m with
 64x64 images (start-up = agent init + first call, i.e. compile; then the median of `--repeats`
 steps), policy step for 1 and 16 envs, and the process's peak RSS.
+
+`--devices N ...`: the same train step with each batch split over N devices (`worldmodels.sharding`,
+the host loop's mesh), one process per N; on a CPU the N devices are forced host devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=N`) sharing the same cores, so the table shows the
+cost of splitting, not a speed-up.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ if __name__ == "__main__":  # first, before jax is imported (see experiments/hug
 import argparse
 import os
 import resource
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -32,6 +40,7 @@ import numpy as np  # noqa: E402
 
 from experiments import hugepages  # noqa: E402
 from worldmodels import agent as agent_lib  # noqa: E402
+from worldmodels import sharding  # noqa: E402
 from worldmodels.config import make_config  # noqa: E402
 
 VECTOR = {"vector": ((16,), "float32")}
@@ -64,21 +73,34 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_train(preset: str, spec, b: int, t: int, repeats: int, compute_dtype: str = "float32") -> dict:
+def bench_train(preset: str, spec, b: int, t: int, repeats: int, compute_dtype: str = "float32",
+                mesh=None) -> dict:
+    """With a `mesh`, as the host loop trains on many devices: state and keys replicated, each batch
+    split along B (one transfer per batch, timed with the step)."""
     config = make_config([preset], {"agent.compute_dtype": compute_dtype}).agent
     start = time.perf_counter()
     state = agent_lib.init(config, spec, agent_lib.ActionSpec(6, True), jax.random.PRNGKey(0))
+    if mesh is not None:
+        state = sharding.put_replicated(state, mesh)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
     batches = [random_batch(spec, 6, b, t, seed=i) for i in range(2)]
+
+    def key(i):
+        k = jax.random.PRNGKey(i)
+        return k if mesh is None else sharding.put_replicated(k, mesh)
+
+    def place(batch):
+        return batch if mesh is None else sharding.put_split(batch, mesh)
+
     start = time.perf_counter()
-    state, metrics, _ = agent_lib.train(state, batches[0], jax.random.PRNGKey(0))
+    state, metrics, _ = agent_lib.train(state, place(batches[0]), key(0), mesh)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     times = []
     for i in range(repeats):
         start = time.perf_counter()
-        state, metrics, _ = agent_lib.train(state, batches[i % 2], jax.random.PRNGKey(i + 1))
+        state, metrics, _ = agent_lib.train(state, place(batches[i % 2]), key(i + 1), mesh)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return {"params": agent_lib.count_params(state.params), "init_s": init_s, "compile_s": compile_s,
@@ -251,6 +273,27 @@ def checkpoint_bench(gib: float) -> None:
               f"{peak.peak - after:+.2f} GiB over the {after:.2f} GiB held after it; restored exactly: {exact}")
 
 
+def devices_table(args) -> None:
+    """`--devices`: one process per device count (forced host devices on a CPU), a row per case each."""
+    platform = jax.devices()[0].platform
+    print(f"jax {jax.__version__} on {platform} ({jax.device_count()} visible); batch {args.batch} x {args.seq} "
+          f"split over the devices; {args.compute_dtype} compute; median of {args.repeats}")
+    if platform == "cpu":
+        print(f"forced host devices on {os.cpu_count()} cores: this shows the cost of splitting, not a speed-up")
+    print(f"{'case':<15}{'devices':>8}{'batch per device':>18}{'compile s':>11}{'ms/update':>12}")
+    for n in args.devices:
+        env = dict(os.environ)
+        if platform == "cpu":
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+        argv = [sys.executable, "-m", "experiments.bench", "--on-mesh", str(n), "--cases", *args.cases,
+                "--batch", str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats),
+                "--compute-dtype", args.compute_dtype]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"error: --devices {n}: {done.stderr.strip().splitlines()[-1]}")
+        print(done.stdout, end="", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -269,7 +312,23 @@ def main() -> None:
                         help="only the training CLI's time to its first update, with a cold and a warm compile cache")
     parser.add_argument("--checkpoint", type=float, metavar="GIB", default=None,
                         help="only a checkpoint's save and restore of a replay holding GIB GiB of images")
+    parser.add_argument("--devices", type=int, nargs="+", default=None, metavar="N",
+                        help="only the train step on a mesh of N devices, for each N (a process each)")
+    parser.add_argument("--on-mesh", type=int, default=None, help=argparse.SUPPRESS)  # one --devices process
     args = parser.parse_args()
+    if args.devices:
+        devices_table(args)
+        return
+    if args.on_mesh:
+        mesh = sharding.make_mesh(f"data={args.on_mesh}")
+        sharding.check_batch("--batch", args.batch, mesh)
+        mesh = mesh if args.on_mesh > 1 else None  # one device: the plain program, as the host loop runs it
+        for name in args.cases:
+            preset, spec = CASES[name]
+            r = bench_train(preset, spec, args.batch, args.seq, args.repeats, args.compute_dtype, mesh)
+            print(f"{name:<15}{args.on_mesh:>8}{args.batch // args.on_mesh:>18}{r['compile_s']:>11.2f}"
+                  f"{r['median_ms']:>12.1f}", flush=True)
+        return
     if args.checkpoint is not None:
         checkpoint_bench(args.checkpoint)
         return

@@ -121,11 +121,17 @@ def main(argv: list[str] | None = None) -> dict:
         validate(config)
         if device_loop:
             check_device_loop_options(config)
-        else:  # the devices the host loop splits each batch over (worldmodels.sharding)
-            mesh = sharding.make_mesh(config.run.mesh)
-            if sharding.data_size(mesh) > 1:
+        # many processes: join them before anything touches a device
+        sharding.initialize_distributed(config.run.coordinator, config.run.num_processes, config.run.process_id,
+                                        config.run.coordinator_timeout)
+        # the devices that each batch (the host loop) or the env batch (the device loop) splits over
+        mesh = sharding.make_mesh(config.run.mesh)
+        if sharding.data_size(mesh) > 1:
+            if device_loop:
+                sharding.check_batch("--run.num-envs", config.run.num_envs, mesh)
+            else:
                 sharding.check_batch("--run.batch-size", config.run.batch_size, mesh)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
     if device_loop:
         import envs.jax as jenvs

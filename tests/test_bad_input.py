@@ -57,7 +57,10 @@ CLI_CASES = [
     (["--device-loop", "--env", "bsuite/catch/0", "--run.save-episodes"],
      "--run.save-episodes: options of the host loop only"),
     (["--run.video-every", "100", "--run.seq-len", "4"], "--run.video-every 100: a video observes 5 replayed steps"),
-    (["--run.mesh", "model=2"], "--run.mesh 'model=2': must be 'data' (every visible device) or 'data=N'"),
+    (["--run.mesh", "model=2"],
+     "--run.mesh 'model=2': must be 'data' (every visible device), 'data=N' (the first N) or 'data=N,fsdp=M'"),
+    (["--device-loop", "--env", "bsuite/catch/0", "--run.coordinator", "127.0.0.1:1234"],
+     "--run.coordinator: the device loop runs in one process"),
     (["--run.mesh", "data=2"], "run.mesh 'data=2' asks for 2 devices; 1 are visible"),  # this process: 1 CPU device
 ]
 

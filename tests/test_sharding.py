@@ -26,13 +26,13 @@ def run_on(devices: int, argv: list[str], cwd: Path) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory):
-    """{devices: the .npz of tests/sharded_step.py on that many devices}."""
+    """{devices or mesh spec: the .npz of tests/sharded_step.py on that mesh}."""
     out = {}
-    for devices in (1, 4):
-        path = tmp_path_factory.mktemp("sharded") / f"{devices}.npz"
-        done = run_on(devices, [str(ROOT / "tests" / "sharded_step.py"), str(path)], ROOT)
+    for devices, spec in ((1, "data"), (4, "data"), (4, "data=2,fsdp=2")):
+        path = tmp_path_factory.mktemp("sharded") / "step.npz"
+        done = run_on(devices, [str(ROOT / "tests" / "sharded_step.py"), str(path), spec], ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
-        out[devices] = dict(np.load(path))
+        out[devices if spec == "data" else spec] = dict(np.load(path))
     return out
 
 
@@ -51,19 +51,32 @@ def test_one_update_and_policy_step_on_4_devices_equal_1(steps):
     np.testing.assert_allclose(four["latent"], one["latent"], rtol=1e-4, atol=1e-5)
 
 
+def test_an_fsdp_axis_splits_the_big_state_arrays_and_updates_as_one_device_does(steps):
+    one, fsdp = steps[1], steps["data=2,fsdp=2"]
+    assert int(fsdp["devices"]) == 4 and int(fsdp["traces"]) == 1
+    # the parameters and optimiser moments of at least FSDP_MIN_SIZE elements: each device holds half
+    assert int(fsdp["split_leaves"]) >= 6 and int(fsdp["split_bytes"]) > 0.3 * int(fsdp["state_bytes"])
+    assert int(fsdp["split_shard_bytes"]) * 2 == int(fsdp["split_bytes"])
+    assert bool(fsdp["all_gather"]) and bool(fsdp["all_reduce"])  # XLA gathers the split arrays
+    for name in [k for k in one if k.startswith(("metric/", "param/"))]:
+        np.testing.assert_allclose(fsdp[name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(fsdp["action"], one["action"])
+
+
 def test_the_4_device_program_compiles_once_and_reduces_across_devices(steps):
     assert int(steps[4]["traces"]) == 1  # lowered once; the two updates after it reuse it
     assert bool(steps[4]["all_reduce"])  # XLA's gradient reduction across the data axis
     assert not bool(steps[1]["all_reduce"])
 
 
-def test_host_loop_trains_on_4_devices_and_resumes_on_2(tmp_path):
+def test_host_loop_trains_on_4_devices_with_fsdp_and_resumes_on_2(tmp_path):
     common = ["-m", "experiments.train", "--preset", "debug", "--env", "bsuite/catch/0", "--run.num-envs", "4",
               "--run.train-ratio", "16", "--run.logdir", str(tmp_path / "run"), "--run.final-eval-episodes", "1"]
-    first = run_on(4, [*common, "--run.steps", "192"], tmp_path)
+    first = run_on(4, [*common, "--run.steps", "192", "--run.mesh", "data=2,fsdp=2"], tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "mesh: 4 devices on the data axis" in first.stdout and "and the env batch" in first.stdout
-    # the state is the same on every device and replay is on the host: another device count resumes
+    assert "the agent state's big arrays split over 2 (fsdp)" in first.stdout
+    # the checkpoint holds whole arrays and replay is on the host: another mesh and device count resumes
     second = run_on(2, [*common, "--run.steps", "256"], tmp_path)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "resumed from" in second.stdout and "at env step 192" in second.stdout
@@ -84,8 +97,26 @@ def test_host_loop_trains_on_4_devices_and_resumes_on_2(tmp_path):
     assert "nearest: 4 or 8" in bad.stderr + bad.stdout
 
 
+def test_device_loop_trains_on_4_devices_and_resumes(tmp_path):
+    common = ["-m", "experiments.train", "--device-loop", "--preset", "debug", "--env", "bsuite/catch/0",
+              "--run.num-envs", "4", "--run.log-every", "128", "--run.train-start", "64", "--run.logdir",
+              str(tmp_path / "run"), "--run.final-eval-episodes", "1"]
+    first = run_on(4, [*common, "--run.steps", "128"], tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "mesh: 4 devices (cpu); the 4 envs and their replay split over them" in first.stdout
+    second = run_on(4, [*common, "--run.steps", "256"], tmp_path)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "resumed from" in second.stdout and "at env step 128" in second.stdout
+    assert "'env_steps': 256" in second.stdout.split("summary: ")[-1]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["updates"] > metrics[0]["updates"] > 0 and np.isfinite(metrics[-1]["loss/total"])
+    bad = run_on(4, [*common[:7], "--run.num-envs", "6", "--run.logdir", str(tmp_path / "bad")], tmp_path)
+    assert bad.returncode != 0 and "--run.num-envs 6 does not split over the mesh's 4 devices" in bad.stdout + bad.stderr
+
+
 class FakeMesh:
     shape = {"data": 4}
+    devices = np.zeros((4,))
 
 
 def test_batch_sizes_the_data_axis_does_not_divide_are_refused_with_the_nearest():
@@ -103,3 +134,10 @@ def test_mesh_specs():
         sharding.make_mesh("data=2")
     with pytest.raises(ValueError, match="use 'data'"):
         sharding.make_mesh("model=2")
+    assert sharding.parse_mesh("data=2,fsdp=4") == (2, 4) and sharding.parse_mesh("fsdp=2") == (None, 2)
+    assert sharding.devices_asked("data=2,fsdp=4") == 8 and sharding.devices_asked("fsdp=2") is None
+    for bad in ("fsdp", "data=2,data=2", "data=0", "fsdp=x"):
+        with pytest.raises(ValueError, match="is not a mesh this agent runs on"):
+            sharding.parse_mesh(bad)
+    with pytest.raises(ValueError, match="asks for 2 devices; 1 are visible"):
+        sharding.make_mesh("fsdp=2")

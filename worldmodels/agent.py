@@ -345,14 +345,21 @@ def _scale_group_updates(updates: tuple, config: OptimConfig) -> tuple:
 # Every leaf of AgentState is an array (static parts live in the tree structure), so plain jax.jit
 # applies and avoids equinox's per-call Python partitioning (~70 ms per step for size1m).
 @functools.cache
-def _train_program(backend: str, mesh: Mesh | None = None):
+def _train_program(backend: str, mesh: Mesh | None = None, state_specs: tuple | None = None):
     if mesh is None:
         return jax.jit(_train, donate_argnums=0, compiler_options=compiler_options(backend))
     # Data parallel (GSPMD): the state and key on every device, the batch and the returned latents
-    # split along B; XLA reduces the gradients across devices (an all-reduce in the program).
+    # split along B; XLA reduces the gradients across devices (an all-reduce in the program). With an
+    # fsdp axis the state's big arrays are split over it (`state_specs`), and XLA gathers them.
     everywhere, split = sharding.replicated(mesh), sharding.split_batch(mesh)
-    return jax.jit(_train, donate_argnums=0, in_shardings=(everywhere, split, everywhere),
-                   out_shardings=(everywhere, everywhere, split), compiler_options=compiler_options(backend))
+    state = everywhere if state_specs is None else sharding.state_shardings(state_specs, mesh)
+    return jax.jit(_train, donate_argnums=0, in_shardings=(state, split, everywhere),
+                   out_shardings=(state, everywhere, split), compiler_options=compiler_options(backend))
+
+
+def _program_for(state: AgentState, mesh: Mesh | None):
+    fsdp = mesh is not None and sharding.FSDP in mesh.axis_names
+    return _train_program(jax.default_backend(), mesh, sharding.state_specs(state, mesh) if fsdp else None)
 
 
 def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray, mesh: Mesh | None = None
@@ -368,10 +375,11 @@ def train(state: AgentState, batch: Mapping[str, Array], key: PRNGKeyArray, mesh
     use only the returned state afterwards (`copy_state` first to keep one).
 
     With a `mesh` (`worldmodels.sharding.make_mesh`) the update runs on all its devices: the batch
-    (host arrays, or arrays split along B) is split over the `data` axis, whose size must divide B;
-    the state and key must be on every device (`sharding.put_replicated`), and so is the new state.
+    (host arrays, or arrays split along B) is split over the mesh's devices, whose count must divide
+    B; the key must be on every device (`sharding.put_replicated`) and the state laid out by
+    `sharding.put_state` (on every device; with an fsdp axis its big arrays split), as the new state is.
     """
-    return _train_program(jax.default_backend(), mesh)(state, dict(batch), key)
+    return _program_for(state, mesh)(state, dict(batch), key)
 
 
 def lower_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStruct],
@@ -385,7 +393,7 @@ def lower_train(state: AgentState, batch: Mapping[str, Array | jax.ShapeDtypeStr
     jit's cache key; the compile may run in another thread (the training loop overlaps it with the
     first environment steps). Nothing is donated or run. `mesh`: as for `train`.
     """
-    return _train_program(jax.default_backend(), mesh).trace(state, dict(batch), key).lower()
+    return _program_for(state, mesh).trace(state, dict(batch), key).lower()
 
 
 def copy_state(state: AgentState) -> AgentState:

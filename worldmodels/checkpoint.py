@@ -53,7 +53,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "CheckpointMismatchError"]
+__all__ = ["Checkpointer", "CheckpointMismatchError", "ProcessShardCheckpointer"]
 
 # orbax logs every save/restore step at INFO through absl; keep warnings and
 # errors.
@@ -258,17 +258,26 @@ class Checkpointer:
     Args:
         directory: the run's checkpoint directory (created if missing).
         max_to_keep: how many of the most recent checkpoints to keep.
+        this_process_only: in a multi-process run, this process alone saves and restores here (no
+            barriers with the others; its agent state must then be numpy or its own device's arrays).
     """
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, this_process_only: bool = False):
         self.directory = os.path.abspath(os.fspath(directory))
         self._name_format = ocp.path.step.standard_name_format()
+        multiprocessing = ocp.options.MultiprocessingOptions()
+        if this_process_only:
+            me = jax.process_index()
+            multiprocessing = ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}")
+            os.makedirs(self.directory, exist_ok=True)  # orbax refuses create=True with active_processes
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            create=True,
+            create=not this_process_only,
             # Remove `<step>.orbax-checkpoint-tmp-*` left by a crashed save.
             cleanup_tmp_directories=True,
             step_name_format=self._name_format,
+            multiprocessing_options=multiprocessing,
         )
         # Registering the handlers up front lets a fresh process read the
         # metadata of every item before its first restore.
@@ -664,6 +673,113 @@ class Checkpointer:
                 + "\n"
                 + _FIX_HINT
             )
+
+
+class ProcessShardCheckpointer:
+    """What one process other than process 0 owns in a multi-process run, checkpointed beside process
+    0's `Checkpointer`: its replay shard, its policy carry and loop state, its envs' blob.
+
+    orbax writes numpy arrays from process 0 only, so this process's host data cannot go through it
+    (the replicated agent state goes once, in process 0's orbax checkpoint). A step is the directory
+    `<directory>/<step>` holding `arrays.npz` (uncompressed) and `meta.json`; it is written as
+    `<step>.tmp` and renamed when complete, so a crash mid-save leaves no step behind. Same methods
+    and arguments as `Checkpointer` (the agent item: array leaves only).
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.max_to_keep = max_to_keep
+        os.makedirs(self.directory, exist_ok=True)
+        for name in os.listdir(self.directory):  # a save that crashed
+            if name.endswith(".tmp"):
+                import shutil
+
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def wait(self) -> None:
+        """Saves are synchronous."""
+
+    def close(self) -> None:
+        pass
+
+    def all_steps(self) -> list[int]:
+        return sorted(int(n) for n in os.listdir(self.directory)
+                      if n.isdigit() and os.path.exists(os.path.join(self.directory, n, "meta.json")))
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        with open(os.path.join(self.directory, str(step), "meta.json")) as f:
+            return json.load(f)["user"]
+
+    def save(self, step: int, agent_state: Any, replay_state: dict[str, np.ndarray] | None, meta: dict,
+             blobs: dict[str, bytes] | None = None, wait: bool = False) -> None:
+        import shutil
+
+        step = int(step)
+        if step in self.all_steps():
+            _log.warning("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
+            return
+        leaves = jax.device_get(jax.tree.leaves(eqx.filter(agent_state, eqx.is_array)))
+        arrays = {f"agent/{i}": np.asarray(x) for i, x in enumerate(leaves)}
+        arrays.update({f"replay/{k}": np.asarray(v) for k, v in (replay_state or {}).items()})
+        arrays.update({f"blob/{k}": np.frombuffer(bytes(v), np.uint8) for k, v in (blobs or {}).items()})
+        document = {"user": _to_jsonable(meta), "replay_saved": replay_state is not None}
+        final = os.path.join(self.directory, str(step))
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "arrays.npz"), "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(document, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        for old in self.all_steps()[:-self.max_to_keep]:
+            shutil.rmtree(os.path.join(self.directory, str(old)), ignore_errors=True)
+
+    def restore(self, agent_template: Any, replay_template: dict[str, np.ndarray] | None,
+                step: int | None = None) -> tuple[Any, dict[str, np.ndarray] | None, dict, dict[str, bytes]]:
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(f"no finalised checkpoint step {step} in {self.directory}")
+        where = os.path.join(self.directory, str(step))
+        with open(os.path.join(where, "meta.json")) as f:
+            document = json.load(f)
+        with np.load(os.path.join(where, "arrays.npz")) as saved:
+            saved = {k: saved[k] for k in saved.files}
+        arrays, static = eqx.partition(agent_template, eqx.is_array)
+        leaves, treedef = jax.tree.flatten(arrays)
+        expected = {(f"agent/{i}",): _spec(x) for i, x in enumerate(leaves)}
+        self._check_match(step, "agent state", {(k,): _spec(v) for k, v in saved.items() if k.startswith("agent/")},
+                          expected)
+        restored = [jax.numpy.asarray(saved[f"agent/{i}"]) for i in range(len(leaves))]
+        agent_state = eqx.combine(jax.tree.unflatten(treedef, restored), static)
+        replay_out = None
+        if replay_template is not None and document["replay_saved"]:
+            got = {(k[len("replay/"):],): _spec(v) for k, v in saved.items() if k.startswith("replay/")}
+            self._check_match(step, "replay state", got, {(str(k),): _spec(v) for k, v in replay_template.items()})
+            replay_out = {}
+            for k, v in replay_template.items():
+                if isinstance(v, np.ndarray) and v.flags.writeable and v.size:
+                    v[...] = saved[f"replay/{k}"]
+                    replay_out[k] = v
+                else:
+                    replay_out[k] = saved[f"replay/{k}"]
+        blobs = {k[len("blob/"):]: v.tobytes() for k, v in saved.items() if k.startswith("blob/")}
+        return agent_state, replay_out, document["user"], blobs
+
+    def _check_match(self, step: int, what: str, saved: dict, expected: dict) -> None:
+        if saved != expected:
+            differ = sorted(set(saved.items()) ^ set(expected.items()))[:_MAX_LISTED]
+            raise CheckpointMismatchError(f"Checkpoint step {step} in {self.directory}: the {what} differs from "
+                                          f"this run's ({', '.join(_fmt_path(p) for p, _ in differ)}). {_FIX_HINT}")
 
 
 def _partial_restore(target: dict[str, np.ndarray]) -> ocp.args.PyTreeRestore:

@@ -60,6 +60,14 @@ class RunConfig:
     # The devices the host loop trains on (worldmodels.sharding): "data" splits each batch over every
     # visible device, "data=N" over the first N; the batch size must be a multiple of the device count.
     mesh: str = "data"
+    # Many processes (hosts), joined by jax.distributed (worldmodels.sharding.initialize_distributed):
+    # "" one process; "host:port" of process 0 (with num_processes and each process's process_id); "auto"
+    # (SLURM, Open MPI, Kubernetes, TPU pods, JAX_COORDINATOR_ADDRESS). Each process steps num_envs envs
+    # into its own replay of replay_capacity steps; batch_size and steps are the run's, over all processes.
+    coordinator: str = ""
+    num_processes: int = 0  # 0: from the cluster's environment
+    process_id: int = -1  # -1: from the cluster's environment
+    coordinator_timeout: int = 60  # seconds to wait for every process to join
     # Unpickle the saved envs on resume even when this user's key did not sign them (worldmodels.signing):
     # only for your own runs, since unpickling runs code
     trust_env_pickle: bool = False
@@ -276,7 +284,7 @@ def validate(config: Config) -> None:
     try:
         sharding.devices_asked(values["run.mesh"])
     except ValueError:
-        raise bad("run.mesh", values["run.mesh"], "'data' (every visible device) or 'data=N' (the first N)") from None
+        raise bad("run.mesh", values["run.mesh"], "'data' (every visible device), 'data=N' (the first N) or 'data=N,fsdp=M'") from None
     if values["agent.actor_critic.discount_horizon"] <= 1:
         raise bad("agent.actor_critic.discount_horizon", values["agent.actor_critic.discount_horizon"],
                   "> 1 (gamma = 1 - 1 / discount_horizon)")

@@ -22,6 +22,13 @@ K = round(R*N / (B*T)) updates per vector step. train_ratio <= 0 means no traini
 The effective ratio B*T*K / (S*N) is reported, since the rounding can move it.
 
 Checkpoints hold the whole carry (env states included), so a resumed run continues exactly.
+
+On many devices (`run.mesh`, as the host loop's: `worldmodels.sharding`) the chunk is jitted with the
+carry's shardings: everything per env (env states, policy carry, pending step, the device replay's
+streams, episode counters) split along N over the devices, the agent state as the host loop lays it
+out (replicated, or big arrays split over an fsdp axis), the counters and key replicated. GSPMD
+partitions the program: each device steps and stores its own envs, and the sampled windows are
+gathered from the devices that hold them.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from worldmodels import agent as agent_lib
+from worldmodels import sharding
 from worldmodels.agent import ActionSpec, AgentState, PolicyCarry
 from worldmodels.checkpoint import Checkpointer
 from worldmodels.config import Config, ConfigError, dumps, to_dict, validate
@@ -169,6 +177,11 @@ class DeviceLoop:
             "is_first": ((), "bool"), "is_last": ((), "bool"), "is_terminal": ((), "bool")}
         self.schedule = make_schedule(rc.train_ratio, rc.batch_size, rc.seq_len, n,
                                       chunk_env_steps or rc.log_every)
+        mesh = sharding.make_mesh(rc.mesh)
+        self.mesh = mesh if sharding.data_size(mesh) > 1 else None
+        if self.mesh is not None:  # each device steps and stores its own envs
+            sharding.check_batch("--run.num-envs", n, mesh)
+        # with a mesh, `place` jits it again with the carry's shardings
         self.chunk = jax.jit(self._chunk, donate_argnums=0,
                              compiler_options=agent_lib.compiler_options(jax.default_backend()))
         self._evaluate_jit = jax.jit(self._evaluate, static_argnums=(3, 4))
@@ -215,6 +228,24 @@ class DeviceLoop:
                           jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32), jnp.zeros((), jnp.int32),
                           jnp.zeros((), jnp.int32), k_loop)
         return fresh_buffers(carry)
+
+    def place(self, carry: LoopCarry) -> LoopCarry:
+        """The carry on the mesh (see the module docstring), and `chunk` compiled for that layout; without
+        a mesh, the carry as it is."""
+        if self.mesh is None:
+            return carry
+        mesh, n = self.mesh, self.num_envs
+        split, everywhere = sharding.split_batch(mesh), sharding.replicated(mesh)
+        per_env = lambda x: split if x.ndim >= 1 and x.shape[0] == n else everywhere
+        shardings = LoopCarry(
+            agent=sharding.state_shardings(sharding.state_specs(carry.agent, mesh), mesh),
+            **{name: jax.tree.map(per_env, getattr(carry, name)) for name in
+               ("policy_carry", "env_state", "done", "pending", "replay", "episode_return", "episode_length")},
+            env_steps=everywhere, updates=everywhere, key=everywhere)
+        self.chunk = jax.jit(self._chunk, donate_argnums=0, in_shardings=(shardings, everywhere),
+                             out_shardings=(shardings, everywhere),
+                             compiler_options=agent_lib.compiler_options(jax.default_backend()))
+        return jax.device_put(carry, shardings)
 
     # -- greedy evaluation
 
@@ -330,6 +361,9 @@ def check_options(config: Config) -> None:
     host_only = {"--run.save-episodes": config.run.save_episodes, "--run.video-every": config.run.video_every,
                  "--run.eval-video": config.run.eval_video, "--agent.init-world-model": config.agent.init_world_model}
     asked = [flag for flag, value in host_only.items() if value]
+    if config.run.coordinator:
+        raise ConfigError("--run.coordinator: the device loop runs in one process (its envs and replay live on "
+                          "that process's devices); use the host loop for many processes, or drop --run.coordinator")
     if asked:
         raise ConfigError(f"{', '.join(asked)}: options of the host loop only (the device loop's bsuite envs have "
                           "no images, and it records no episodes); drop them, or drop --device-loop")
@@ -365,7 +399,10 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
 
     loop = DeviceLoop(config, env, env_params, chunk_env_steps)
     s = loop.schedule
-    carry = loop.init(jax.random.PRNGKey(rc.seed), env_params)
+    carry = loop.place(loop.init(jax.random.PRNGKey(rc.seed), env_params))
+    if loop.mesh is not None:
+        print(f"mesh: {sharding.data_size(loop.mesh)} devices ({jax.devices()[0].platform}); the {rc.num_envs} envs "
+              "and their replay split over them")
     print(f"device loop: {agent_lib.count_params(carry.agent.params):,} parameters; chunk = {s.blocks} blocks x "
           f"({s.steps_per_block} steps x {s.num_envs} envs + {s.updates_per_block} updates) = "
           f"{s.env_steps_per_chunk} env steps; effective train_ratio "
@@ -393,6 +430,7 @@ def run_on_device(config: Config, env: Any, env_params: Any, chunk_env_steps: in
             return restored._replace(replay=replay_pad(restored.replay, loop.capacity_per_env)), meta
 
         carry, meta = restore_usable(ckpt, logdir, restore_step)
+        carry = loop.place(carry)  # the padded replay and fresh buffers: back onto the mesh's layout
         counters = meta["counters"]
         recent.load(meta.get("recent_returns", []), int(carry.env_steps))
         print(f"resumed from {logdir} at env step {int(carry.env_steps)} ({int(carry.updates)} updates)")

@@ -33,7 +33,7 @@ import numpy as np
 
 from worldmodels import agent as agent_lib
 from worldmodels import offline, sharding, signing, spaces
-from worldmodels.checkpoint import Checkpointer
+from worldmodels.checkpoint import Checkpointer, ProcessShardCheckpointer
 from worldmodels.config import VIDEO_CONTEXT, VIDEO_LENGTH, Config, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import ReplayBuffer
@@ -50,11 +50,11 @@ class EnvOutputError(ValueError):
     """An env returned an observation or reward the agent cannot learn from (NaN, inf, wrong shape)."""
 
 
-def _make_vector_env(env_fn: EnvFn, config: Config,
-                     parallel_vector_env: VectorEnvFn | None = None) -> gym.vector.VectorEnv:
+def _make_vector_env(env_fn: EnvFn, config: Config, parallel_vector_env: VectorEnvFn | None = None,
+                     first_env: int = 0) -> gym.vector.VectorEnv:
     # partial, not a closure over `config`: env processes unpickle the factories, and the config
     # would import JAX in each of them.
-    fns = [functools.partial(env_fn, config.run.seed + i) for i in range(config.run.num_envs)]
+    fns = [functools.partial(env_fn, config.run.seed + first_env + i) for i in range(config.run.num_envs)]
     mode = gym.vector.AutoresetMode.NEXT_STEP
     if not config.run.parallel_envs:
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
@@ -135,7 +135,7 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     clean_exit = False
     try:
         with StopOnInterrupt() as interrupt:
-            while not host.budget_spent() and not interrupt.stop:
+            while not host.budget_spent() and not host.stop_requested(interrupt.stop):
                 host.collect()
                 host.train()
                 host.log_evaluate_checkpoint()
@@ -146,6 +146,16 @@ def run(config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None =
     return host.summary()
 
 
+class _Steps:
+    """A checkpointer seen through the steps that every process has (for `restore_usable`)."""
+
+    def __init__(self, checkpoints: Any, steps: list[int]):
+        self.directory, self._steps = checkpoints.directory, steps
+
+    def all_steps(self) -> list[int]:
+        return self._steps
+
+
 class HostRun:
     """The host loop's phases over one run directory, and the state they share.
 
@@ -153,6 +163,13 @@ class HostRun:
     compiling the train step; each iteration of `run` then calls `collect` (one vector step),
     `train` (the updates the train ratio owes) and `log_evaluate_checkpoint`; `final_evaluation`
     and `close` end it.
+
+    Many processes (`jax.distributed`, see `worldmodels.sharding`): each process steps its own
+    `run.num_envs` envs and owns its replay shard; every update trains on a global batch of
+    `run.batch_size` made of each process's `batch_size / processes` rows. The counters (env steps,
+    updates) are global, so every process makes the same calls in the same order. Process 0 writes
+    the run's logs, evaluations, videos and the agent's checkpoint; process k writes its replay shard
+    and its episodes' scores under `<logdir>/process<k>/`.
     """
 
     def __init__(self, config: Config, env_fn: EnvFn, parallel_vector_env: VectorEnvFn | None = None):
@@ -163,8 +180,13 @@ class HostRun:
         self.logdir = Path(rc.logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         check_resumable(self.logdir, config)
+        self.process, self.processes = jax.process_index(), jax.process_count()
+        self.main = self.process == 0  # writes the run's logs, evaluations and the agent's checkpoint
+        self.own_dir = self.logdir if self.main else self.logdir / f"process{self.process}"
+        self.first_env = self.process * rc.num_envs  # this process's envs in the run's numbering (seeds)
+        self._policy_state = None  # with many processes, this process's copy of the state (policy_state)
 
-        self.envs = _make_vector_env(env_fn, config, parallel_vector_env)
+        self.envs = _make_vector_env(env_fn, config, parallel_vector_env, self.first_env)
         try:
             self._set_up()
         except BaseException:
@@ -173,9 +195,12 @@ class HostRun:
         self._start_compiling_train_step()
         if not self.pending:
             self._reset_envs()
-        self.logger = RunLogger(self.logdir, rc.tensorboard, start_step=self.counters["env_steps"],
-                                wandb_project=rc.wandb, config=to_dict(self.config))
-        self.eval_env = env_fn(rc.seed + 100_000) if rc.eval_every else None
+        if self.main:
+            self.logger = RunLogger(self.logdir, rc.tensorboard, start_step=self.counters["env_steps"],
+                                    wandb_project=rc.wandb, config=to_dict(self.config))
+        else:  # this process's episode scores and metrics only
+            self.logger = RunLogger(self.own_dir, False, start_step=self.counters["env_steps"])
+        self.eval_env = env_fn(rc.seed + 100_000) if rc.eval_every and self.main else None
         self.pending_metrics: list[dict] = []
         self.unchecked: list[dict] = []  # metrics of the updates not yet checked for skips
         self.skipped_in_a_row = 0
@@ -184,7 +209,7 @@ class HostRun:
         self.saved: list[int] = []  # the steps checkpointed by this call
         self.final_eval: dict[str, Any] = {}
         self.progress = None
-        if rc.progress:
+        if rc.progress and self.main:
             from tqdm import tqdm
 
             self.progress = tqdm(total=rc.steps, initial=self.counters["env_steps"], unit="step", dynamic_ncols=True)
@@ -213,30 +238,50 @@ class HostRun:
             self.state = eqx.tree_at(lambda s: s.world_model, self.state, wm)
             print(f"world model from {self.config.agent.init_world_model}")
         # Many devices: the state and keys on every device, each batch split along B over them (and the
-        # env batch too, where the device count divides it). One device: no mesh, the plain programs.
+        # env batch too, where the device count divides it; with many processes each acts on its own
+        # device). One device: no mesh, the plain programs.
         mesh = sharding.make_mesh(rc.mesh)
-        self.mesh = mesh if sharding.data_size(mesh) > 1 else None
-        self.split_envs = self.mesh is not None and n % sharding.data_size(mesh) == 0
+        self.mesh = mesh if sharding.data_size(mesh) > 1 or self.processes > 1 else None
+        self.split_envs = self.mesh is not None and self.processes == 1 and n % sharding.data_size(mesh) == 0
         if self.mesh is not None:
             sharding.check_batch("--run.batch-size", rc.batch_size, mesh)
-            self.state, self.key = sharding.put_replicated((self.state, self.key), mesh)
-            print(f"mesh: {sharding.data_size(mesh)} devices on the data axis ({jax.devices()[0].platform}); each "
-                  f"batch of {rc.batch_size} split over them" + (", and the env batch" if self.split_envs else ""))
         latent_spec = agent_lib.latent_spec(self.state) if rc.replay_context else {}
         self.replay = ReplayBuffer({**spaces.step_spec(self.obs_space, self.act_spec), **latent_spec},
                                    rc.replay_capacity, n)
         print(self.replay.describe())
-        self.rng = np.random.default_rng(rc.seed)
+        self.rng = np.random.default_rng(rc.seed if self.main else [rc.seed, self.process])
         self.carry = self._initial_carry()
         self.counters = {"env_steps": 0, "updates": 0, "episodes": 0, "train_credit": 0.0, "last_log": 0,
                          "last_eval": 0, "last_checkpoint": 0}
         self.pending: dict[str, np.ndarray] = {}  # the step observed but not yet stored
         self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, np.int64)
         self.recent = RecentReturns(recent_window(rc.steps))  # the episodes that ended in the run's last tenth
-        self.ckpt = Checkpointer(self.logdir / "checkpoints", max_to_keep=2)
+        if self.processes == 1:
+            self.ckpt = Checkpointer(self.logdir / "checkpoints", max_to_keep=2)
+        elif self.main:
+            self.ckpt = Checkpointer(self.logdir / "checkpoints", max_to_keep=2, this_process_only=True)
+        else:  # its replay shard, carry and envs: orbax writes numpy from process 0 only
+            self.ckpt = ProcessShardCheckpointer(self.own_dir / "checkpoints", max_to_keep=2)
         self.recording: list[list | None] = [None] * n  # --run.save-episodes: each env's episode so far
-        if self.ckpt.latest_step() is not None:
-            self._resume()
+        steps = self.ckpt.all_steps()
+        if self.processes > 1:
+            steps = sharding.all_processes_steps(steps)
+        if steps:
+            self._resume(steps)
+        if self.processes > 1:  # the same agent everywhere, process 0's
+            self.state = sharding.broadcast_from_process_0(self.state)
+        if self.mesh is not None:
+            self.state = sharding.put_state(self.state, mesh)
+            if self.processes == 1:  # many processes: the key stays on each (the same everywhere)
+                self.key = sharding.put_replicated(self.key, mesh)
+            fsdp = f", the agent state's big arrays split over {mesh.shape[sharding.FSDP]} (fsdp)" \
+                if sharding.FSDP in mesh.axis_names else ""
+            print(f"mesh: {sharding.data_size(mesh)} devices on the data axis ({jax.devices()[0].platform}"
+                  + (f", {self.processes} processes" if self.processes > 1 else "") + f"); each batch of "
+                  f"{rc.batch_size} split over them" + (", and the env batch" if self.split_envs else "") + fsdp)
+        self._policy_state = sharding.local_copy(self.state) if self.processes > 1 else None
+        if not self.main:
+            return
         (self.logdir / "config.json").write_text(dumps(self.config))
         # what the agent reads and writes, so that worldmodels.load acts without making the env (and
         # what recorded episodes hold)
@@ -246,7 +291,8 @@ class HostRun:
             (self.logdir / "episodes").mkdir(exist_ok=True)
             (self.logdir / "episodes" / "spaces.json").write_text(spaces_json)
 
-    def _resume(self) -> None:
+    def _resume(self, steps: list[int]) -> None:
+        """Restore the newest of `steps` (every process has them) that reads."""
         ckpt, logdir, replay = self.ckpt, self.logdir, self.replay
 
         def restore_step(step: int) -> tuple:
@@ -254,7 +300,15 @@ class HostRun:
             if saved_meta.get("loop") == "device":
                 raise ConfigMismatchError(f"{logdir} holds a run of the device loop: resume it with --device-loop, "
                                           "or pass a new --run.logdir.")
+            if saved_meta.get("processes", 1) != self.processes:
+                raise ConfigMismatchError(f"{logdir} holds a run of {saved_meta.get('processes', 1)} process(es); "
+                                          f"this one has {self.processes}: resume it with "
+                                          f"--run.num-processes {saved_meta.get('processes', 1)}, or pass a new "
+                                          "--run.logdir.")
             agent_template = {"agent": self.state, "carry": self.carry, "key": self.key}
+            if self.processes > 1:  # process 0 restores the agent (and sends it to the others) as numpy
+                agent_template = jax.device_get(agent_template if self.main else
+                                                {"carry": self.carry, "key": self.key})
             # The metadata gives the shapes that the replay's restore target needs: the stored steps (older
             # checkpoints saved the whole ring) and the pending step.
             replay_template = {**replay.state_template(saved_meta.get("replay_stored", replay.capacity_per_env)),
@@ -265,8 +319,13 @@ class HostRun:
             replay.load_state_dict({k: v for k, v in restored[1].items() if k.startswith(("data/", "counter/"))})
             return restored
 
-        restored, replay_state, meta, blobs = restore_usable(ckpt, logdir, restore_step)
-        self.state, self.carry, self.key = restored["agent"], restored["carry"], restored["key"]
+        restored, replay_state, meta, blobs = restore_usable(_Steps(ckpt, steps), logdir, restore_step)
+        if self.processes > 1 and len(set(sharding.all_processes_steps([meta["counters"]["env_steps"]]))) != 1:
+            raise RuntimeError(f"the processes of {logdir} resumed from different checkpoints (one was unreadable "
+                               "in some process): delete the newest step in every process's checkpoints and resume")
+        self.state, self.carry, self.key = restored.get("agent", self.state), restored["carry"], restored["key"]
+        if self.processes > 1:  # numpy: onto this process's device
+            self.carry, self.key = jax.device_put((self.carry, self.key))
         self.pending = {k[len("pending/"):]: v for k, v in replay_state.items() if k.startswith("pending/")}
         self.episode_return = replay_state["loop/episode_return"]
         self.episode_length = replay_state["loop/episode_length"]
@@ -295,6 +354,20 @@ class HostRun:
             self.pending = {}
         print(f"resumed from {logdir} at env step {self.counters['env_steps']} ({self.counters['updates']} updates)")
 
+    @property
+    def policy_state(self) -> agent_lib.AgentState:
+        """The agent state the policy, evaluation and videos use: with many processes, this process's
+        own copy of the state (they run on this process alone; see `sharding.local_copy`)."""
+        if self.processes == 1:
+            return self.state
+        if self._policy_state is None:
+            self._policy_state = sharding.local_copy(self.state)
+        return self._policy_state
+
+    def stop_requested(self, interrupted: bool) -> bool:
+        """Ctrl-C: with many processes, all stop at the same step when any of them was interrupted."""
+        return sharding.any_process(interrupted) if self.processes > 1 else interrupted
+
     def _start_compiling_train_step(self) -> None:
         """The train step compiles in a thread while the envs take their first steps (train_start): XLA's
         compile releases the GIL, so the envs and the policy mostly run on the other core meanwhile. It is
@@ -318,7 +391,7 @@ class HostRun:
     def _reset_envs(self) -> None:
         """New episodes in every env: the first run, or a resume without the envs' saved state."""
         n, rc = self.n, self.rc
-        obs, _ = self.envs.reset(seed=rc.seed + 7919 * self.counters["env_steps"])
+        obs, _ = self.envs.reset(seed=rc.seed + self.first_env + 7919 * self.counters["env_steps"])
         self.pending = {**spaces.batch_obs(self.obs_space, obs, n), "reward": np.zeros(n, np.float32),
                         "is_first": np.ones(n, bool), "is_last": np.zeros(n, bool), "is_terminal": np.zeros(n, bool),
                         "action": np.zeros((n, self.act_spec.dim), np.float32)}
@@ -326,7 +399,7 @@ class HostRun:
         self.carry = self._initial_carry()
 
     def _initial_carry(self) -> agent_lib.PolicyCarry:
-        carry = agent_lib.initial_carry(self.state, self.n)
+        carry = agent_lib.initial_carry(self.policy_state, self.n)
         return jax.device_put(carry, sharding.split_batch(self.mesh)) if self.split_envs else carry
 
     # -- the loop's phases -----------------------------------------------------------------
@@ -338,11 +411,13 @@ class HostRun:
         """Act on the pending step, store it (with the latent the policy inferred), step the envs."""
         rc, n, counters = self.rc, self.n, self.counters
         self.key, k_act = jax.random.split(self.key)
+        if self.processes > 1:  # each process's envs their own noise
+            k_act = jax.random.fold_in(k_act, self.process)
         obs_in = {k: v for k, v in self.pending.items() if k not in ("action", "reward", "is_last", "is_terminal")}
         if self.split_envs:
             obs_in = sharding.put_split(obs_in, self.mesh)
-        action, self.carry = agent_lib.policy(self.state, self.carry, obs_in, k_act)
-        latent = agent_lib.replay_latent(self.state, self.carry) if rc.replay_context else {}
+        action, self.carry = agent_lib.policy(self.policy_state, self.carry, obs_in, k_act)
+        latent = agent_lib.replay_latent(self.policy_state, self.carry) if rc.replay_context else {}
         action, latent = jax.device_get((action, latent))  # one wait for both
         self.replay.add({**self.pending, **latent})
         if rc.save_episodes:
@@ -364,7 +439,7 @@ class HostRun:
                         "action": np.where(first[:, None], 0.0, action).astype(np.float32)}
         self.episode_return = np.where(first, 0.0, self.episode_return + self.pending["reward"])
         self.episode_length = np.where(first, 0, self.episode_length + 1)
-        counters["env_steps"] += n
+        counters["env_steps"] += n * self.processes
         for i in np.flatnonzero(is_last):
             counters["episodes"] += 1
             self.recent.add(counters["env_steps"], float(self.episode_return[i]))
@@ -383,7 +458,8 @@ class HostRun:
             if step["is_last"][i]:
                 steps = self.recording[i]
                 episode = {k: np.stack([s[k] for s in steps]) for k in steps[0]}
-                offline.save_episode(self.logdir / "episodes" / f"{self.counters['env_steps']:010d}-{i}.npz", episode)
+                offline.save_episode(self.logdir / "episodes" / f"{self.counters['env_steps']:010d}-"
+                                     f"{self.first_env + i}.npz", episode)
                 self.recording[i] = None
 
     def train(self) -> None:
@@ -391,15 +467,24 @@ class HostRun:
         rc, counters = self.rc, self.counters
         if counters["env_steps"] < rc.train_start or not self.replay.can_sample(rc.window):
             return
-        counters["train_credit"] += self.n * rc.train_ratio / (rc.batch_size * rc.seq_len)
+        counters["train_credit"] += self.n * self.processes * rc.train_ratio / (rc.batch_size * rc.seq_len)
         if counters["train_credit"] >= 1.0:
             self.train_compiled.result()  # re-raises what went wrong in the compile, if anything
         while counters["train_credit"] >= 1.0:
-            batch, windows = self.replay.sample_windows(rc.batch_size, rc.window, self.rng)
+            # many processes: each samples its rows of the global batch from its own replay shard
+            batch, windows = self.replay.sample_windows(rc.batch_size // self.processes, rc.window, self.rng)
             self.key, k_train = jax.random.split(self.key)
-            self.state, metrics, latents = agent_lib.train(self.state, batch, k_train, self.mesh)
+            if self.processes > 1:
+                self.state, metrics, latents = agent_lib.train(
+                    self.state, sharding.put_global_batch(batch, self.mesh),
+                    sharding.put_replicated(k_train, self.mesh), self.mesh)
+                # now, in every process: gathering an fsdp-split state is a collective
+                self._policy_state = sharding.local_copy(self.state)
+            else:
+                self.state, metrics, latents = agent_lib.train(self.state, batch, k_train, self.mesh)
             if rc.replay_context:  # the trained steps' new posteriors replace the stored ones
-                self.replay.update(windows, jax.device_get(latents), offset=1)
+                latents = sharding.local_rows(latents, self.mesh) if self.processes > 1 else jax.device_get(latents)
+                self.replay.update(windows, latents, offset=1)
             if self.first_update_seconds is None:
                 jax.block_until_ready(metrics)
                 self.first_update_seconds = time.perf_counter() - self.run_start
@@ -417,7 +502,7 @@ class HostRun:
         if steps - counters["last_log"] >= rc.log_every:
             counters["last_log"] = steps
             self._log_metrics(steps)
-        if rc.video_every and steps - counters.get("last_video", 0) >= rc.video_every:
+        if rc.video_every and self.main and steps - counters.get("last_video", 0) >= rc.video_every:
             counters["last_video"] = steps
             self._open_loop_video(steps)
         if self.eval_env is not None and steps - counters["last_eval"] >= rc.eval_every:
@@ -425,7 +510,7 @@ class HostRun:
             # a key of its own (not split from the loop's), so evaluating never changes training
             k_eval = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 2), steps)
             recording = {} if rc.eval_video else None
-            for ret, length in evaluate(self.state, self.eval_env, rc.eval_episodes, k_eval, recording=recording,
+            for ret, length in evaluate(self.policy_state, self.eval_env, rc.eval_episodes, k_eval, recording=recording,
                                         record_steps=VIDEO_LENGTH):
                 self.logger.score(steps, "eval", ret, length)
             self._eval_video(steps, recording)
@@ -437,7 +522,7 @@ class HostRun:
     def final_evaluation(self) -> None:
         """Greedy episodes when this call brought the run to its budget (not when it stopped early)."""
         rc, steps = self.rc, self.counters["env_steps"]
-        if not (steps >= rc.steps > self.start_steps and rc.final_eval_episodes > 0):
+        if not (steps >= rc.steps > self.start_steps and rc.final_eval_episodes > 0 and self.main):
             return
         if self.progress is not None:
             self.progress.close()
@@ -445,7 +530,7 @@ class HostRun:
             self.eval_env = self.env_fn(rc.seed + 100_000)
         key_eval = jax.random.fold_in(jax.random.PRNGKey(rc.seed + 3), steps)
         recording = {} if rc.eval_video else None
-        results = evaluate(self.state, self.eval_env, rc.final_eval_episodes, key_eval, recording=recording,
+        results = evaluate(self.policy_state, self.eval_env, rc.final_eval_episodes, key_eval, recording=recording,
                            record_steps=VIDEO_LENGTH)
         self.final_eval = final_evaluation_report(self.logger, steps, *zip(*results), self.recent)
         self._eval_video(steps, recording)
@@ -458,7 +543,8 @@ class HostRun:
             return
         batch = self.replay.sample(4, length, np.random.default_rng([self.rc.seed, steps]))
         key = jax.random.fold_in(jax.random.PRNGKey(self.rc.seed + 4), steps)
-        for name, frames in jax.device_get(agent_lib.open_loop_video(self.state, batch, key, VIDEO_CONTEXT)).items():
+        for name, frames in jax.device_get(agent_lib.open_loop_video(self.policy_state, batch, key,
+                                                                     VIDEO_CONTEXT)).items():
             self.logger.video(steps, f"open_loop/{name}", frames)
 
     def _eval_video(self, steps: int, recording: dict | None) -> None:
@@ -466,7 +552,8 @@ class HostRun:
         if not recording or recording["is_first"].shape[1] <= VIDEO_CONTEXT:
             return
         key = jax.random.fold_in(jax.random.PRNGKey(self.rc.seed + 5), steps)
-        for name, frames in jax.device_get(agent_lib.open_loop_video(self.state, recording, key, VIDEO_CONTEXT)).items():
+        for name, frames in jax.device_get(agent_lib.open_loop_video(self.policy_state, recording, key,
+                                                                     VIDEO_CONTEXT)).items():
             self.logger.video(steps, f"eval_open_loop/{name}", frames)
 
     def checkpoint(self, wait: bool = False) -> None:
@@ -483,12 +570,15 @@ class HostRun:
         meta = {"counters": counters, "rng": self.rng.bit_generator.state, "recent_returns": self.recent.state(),
                 "replay_stored": self.replay.stored_per_env,
                 "pending_keys": {k: [list(v.shape), str(v.dtype)] for k, v in self.pending.items()},
-                "config": to_dict(self.config), "envs_signature": envs_signature}
+                "config": to_dict(self.config), "envs_signature": envs_signature, "processes": self.processes}
         step = counters["env_steps"]
         # set before the save, so that the checkpoint holds it (a resumed run does not save again at once),
         # and after a full disk the next try comes at the next interval
         counters["last_checkpoint"] = step
         agent_state = {"agent": self.state, "carry": self.carry, "key": self.key}
+        if self.processes > 1:  # the agent once, from process 0, as numpy (see __init__)
+            agent_state = jax.device_get({"agent": self.policy_state, "carry": self.carry, "key": self.key} if self.main
+                                         else {"carry": self.carry, "key": self.key})
         if save_or_warn(lambda: self.ckpt.save(step, agent_state, replay_state, meta, blobs, wait=wait), step,
                         self.ckpt):
             self.saved.append(step)

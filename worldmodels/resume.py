@@ -27,9 +27,11 @@ class ConfigMismatchError(ValueError):
 
 # What a resumed run may change; every other run option shapes the replay or the training schedule.
 # The mesh may change: the agent state is the same on every device and replay lives on the host, so a
-# checkpoint restores onto any number of devices.
+# checkpoint restores onto any number of devices. The process count may not (each process owns a replay
+# shard): the checkpoint's metadata says how many wrote it, and the host loop refuses another count.
 RESUME_MAY_CHANGE = {"steps", "log_every", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
-                     "max_skipped_updates", "mesh", "trust_env_pickle", "logdir", "tensorboard", "wandb",
+                     "max_skipped_updates", "mesh", "coordinator", "num_processes", "process_id", "coordinator_timeout",
+                     "trust_env_pickle", "logdir", "tensorboard", "wandb",
                      "video_every", "eval_video", "save_episodes", "progress"}
 
 
