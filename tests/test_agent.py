@@ -198,7 +198,7 @@ def test_replay_value_loss_reaches_the_world_model_only_with_repval_grad():
             _, (post, _) = wm.loss(batch, wm.dynamics.initial(b), jax.random.PRNGKey(1))
             return agent_lib._replay_value_loss(wm, critic, state, batch, post, jnp.ones((b, t)), 0.99)[0]
 
-        grads[flag] = eqx.filter_grad(loss)((state.world_model, critic))
+        grads[flag] = eqx.filter_jit(eqx.filter_grad(loss))((state.world_model, critic))
     leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
     assert any(np.abs(g).max() > 0 for g in leaves(grads[True][0].encoder))
     assert any(np.abs(g).max() > 0 for g in leaves(grads[True][0].dynamics))

@@ -18,9 +18,9 @@ from worldmodels import sharding
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_on(devices: int, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_on(devices: int, argv: list[str], cwd: Path, compile_cache: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "PYTHONPATH": str(ROOT), "WORLDMODELS_HUGEPAGES": "0", "WORLDMODELS_COMPILE_CACHE": ""}
+           "PYTHONPATH": str(ROOT), "WORLDMODELS_HUGEPAGES": "0", "WORLDMODELS_COMPILE_CACHE": compile_cache}
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -101,10 +101,11 @@ def test_device_loop_trains_on_4_devices_and_resumes(tmp_path):
     common = ["-m", "experiments.train", "--device-loop", "--preset", "debug", "--env", "bsuite/catch/0",
               "--run.num-envs", "4", "--run.log-every", "128", "--run.train-start", "64", "--run.logdir",
               str(tmp_path / "run"), "--run.final-eval-episodes", "1"]
-    first = run_on(4, [*common, "--run.steps", "128"], tmp_path)
+    cache = str(tmp_path / "cache")  # the resumed run loads the first one's chunk program
+    first = run_on(4, [*common, "--run.steps", "128"], tmp_path, cache)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "mesh: 4 devices (cpu); the 4 envs and their replay split over them" in first.stdout
-    second = run_on(4, [*common, "--run.steps", "256"], tmp_path)
+    second = run_on(4, [*common, "--run.steps", "256"], tmp_path, cache)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "resumed from" in second.stdout and "at env step 128" in second.stdout
     assert "'env_steps': 256" in second.stdout.split("summary: ")[-1]
