@@ -57,8 +57,9 @@ class RunConfig:
     eval_video: bool = False  # the same video of the first greedy evaluation episode at each evaluation
     checkpoint_every: int = 10_000  # environment steps between checkpoints (and at exit)
     seed: int = 0
-    # The devices the host loop trains on (worldmodels.sharding): "data" splits each batch over every
-    # visible device, "data=N" over the first N; the batch size must be a multiple of the device count.
+    # The devices the loops train on (worldmodels.sharding): "data" splits each batch over every visible
+    # device, "data=N" over the first N; "data=N,fsdp=M" also splits the agent state's big arrays over M.
+    # The batch size (the device loop: num_envs) must be a multiple of the device count.
     mesh: str = "data"
     # Many processes (hosts), joined by jax.distributed (worldmodels.sharding.initialize_distributed):
     # "" one process; "host:port" of process 0 (with num_processes and each process's process_id); "auto"
