@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 import worldmodels
 
@@ -130,3 +131,32 @@ def test_an_unreachable_coordinator_is_an_error_naming_it_in_bounded_time(tmp_pa
     assert done.returncode != 0
     assert f"the coordinator at 127.0.0.1:{port} could not be reached within 3 s" in done.stderr + done.stdout
     assert time.monotonic() - start < 120
+
+
+def test_a_process_shard_checkpoint_round_trips_exactly_and_a_crashed_save_leaves_no_step(tmp_path):
+    import jax.numpy as jnp
+
+    from worldmodels.checkpoint import CheckpointMismatchError, ProcessShardCheckpointer
+
+    shard = ProcessShardCheckpointer(tmp_path / "shard", max_to_keep=2)
+    rng = np.random.default_rng(0)
+    agent = {"carry": (jnp.asarray(rng.normal(size=(2, 3)), jnp.float32),), "key": jnp.arange(2, dtype=jnp.uint32)}
+    replay = {"data/obs": rng.normal(size=(2, 5, 4)).astype(np.float32), "counter/written": np.array(7, np.int64),
+              "loop/episode_length": np.array([3, 4], np.int64)}
+    for step in (10, 20, 30):
+        shard.save(step, agent, replay, {"counters": {"env_steps": step}}, {"envs": b"\x00pickled\xff"})
+    assert shard.all_steps() == [20, 30]  # max_to_keep
+    (tmp_path / "shard" / "40.tmp").mkdir()  # a save that crashed before its rename
+    shard = ProcessShardCheckpointer(tmp_path / "shard")
+    assert shard.all_steps() == [20, 30] and not (tmp_path / "shard" / "40.tmp").exists()
+    into = {k: np.zeros_like(v) for k, v in replay.items()}
+    got_agent, got_replay, meta, blobs = shard.restore(agent, into)
+    assert meta == {"counters": {"env_steps": 30}} and blobs == {"envs": b"\x00pickled\xff"}
+    for k, v in replay.items():
+        assert got_replay[k].dtype == v.dtype
+        np.testing.assert_array_equal(got_replay[k], v)
+    assert got_replay["data/obs"] is into["data/obs"]  # filled in place
+    np.testing.assert_array_equal(got_agent["carry"][0], agent["carry"][0])
+    np.testing.assert_array_equal(got_agent["key"], agent["key"])
+    with pytest.raises(CheckpointMismatchError, match="replay state differs"):
+        shard.restore(agent, {"data/obs": np.zeros((2, 6, 4), np.float32)})

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import absl.logging
@@ -692,8 +693,6 @@ class ProcessShardCheckpointer:
         os.makedirs(self.directory, exist_ok=True)
         for name in os.listdir(self.directory):  # a save that crashed
             if name.endswith(".tmp"):
-                import shutil
-
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def wait(self) -> None:
@@ -717,8 +716,6 @@ class ProcessShardCheckpointer:
 
     def save(self, step: int, agent_state: Any, replay_state: dict[str, np.ndarray] | None, meta: dict,
              blobs: dict[str, bytes] | None = None, wait: bool = False) -> None:
-        import shutil
-
         step = int(step)
         if step in self.all_steps():
             _log.warning("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
