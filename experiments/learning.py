@@ -10,8 +10,8 @@ after the other. It is resumable: a finished run is read, not run again, and an 
 resumes from its last checkpoint (train's own resume). The table gives, per row over its seeds, the
 mean and min-max of: the final return (the mean training return, sampled actions, of the episodes
 that end in the last tenth of the run's env steps), the best tenth, the greedy evaluation at the end
-of the run, the env steps until the recent return (the episodes of the trailing tenth) first
-reaches the row's threshold, and the wall time. It is a benchmark, not a test: a row takes minutes
+of the run, the env steps until the recent return (the episodes of the trailing tenth, once a
+tenth of the run has passed) first reaches the row's threshold, and the wall time. It is a benchmark, not a test: a row takes minutes
 to an hour on a 2-core CPU. `WORLDMODELS_SMOKE_STEPS` (see `experiments.train`) shortens every run.
 """
 
@@ -91,7 +91,8 @@ def summarise(logdir: Path, threshold: float) -> dict:
     recent, reached = RecentReturns(recent_window(steps)), None
     for r in train:
         recent.add(r["env_step"], r["return"])
-        if reached is None and recent.mean() >= threshold:
+        # only after the run's first tenth: before it, a few lucky episodes would count
+        if reached is None and r["env_step"] >= steps / 10 and recent.mean() >= threshold:
             reached = r["env_step"]
     last_step = max((r["env_step"] for r in scores), default=0)
     final_eval = [r["return"] for r in scores if r["mode"] == "eval" and r["env_step"] == last_step]

@@ -110,8 +110,11 @@ def enable_compile_cache(path: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    enable_compile_cache()
     config, device_loop = _parse(argv)
+    if not config.run.coordinator:
+        # Not with many processes: on jax 0.12.1 two processes that resumed with their programs in the
+        # cache hung in their first collective (jax 0.10.2 was fine).
+        enable_compile_cache()
     try:  # before the config is printed and anything compiles
         envs.check_name(config.run.env)
     except ValueError as e:

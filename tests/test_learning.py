@@ -18,14 +18,15 @@ def _write(logdir, steps, scores, calls):
 
 def test_summarise_a_run(tmp_path):
     train = lambda step, ret: {"env_step": step, "mode": "train", "return": ret, "length": 1}
-    _write(tmp_path, 100, [train(5, 1.0), train(15, 2.0), train(95, 10.0),
+    _write(tmp_path, 100, [train(5, 9.0), train(15, -7.0), train(95, 10.0),
                            {"env_step": 95, "mode": "eval", "return": 7.0, "length": 1},
                            {"env_step": 95, "mode": "eval", "return": 9.0, "length": 1}], [30.0, 12.5])
     result = learning.summarise(tmp_path, threshold=4.0)
-    assert result["tenths"][:2] == [1.0, 2.0] and result["tenths"][-1] == 10.0
+    assert result["tenths"][:2] == [9.0, -7.0] and result["tenths"][-1] == 10.0
     assert np.isnan(result["tenths"][2:-1]).all()
     assert (result["final"], result["best"], result["greedy_eval"]) == (10.0, 10.0, 8.0)
-    # the recent return (a tenth of a run, at least 1,000 steps: here all of it) is 1, 1.5, then 13/3 >= 4
+    # the recent return (a tenth of a run, at least 1,000 steps: here all of it) is 9 at step 5, in the
+    # run's first tenth (a lucky start does not count), 1 at 15, then 4 at 95
     assert result["steps_to_threshold"] == 95
     assert result["seconds"] == 42.5 and result["episodes"] == 3
     table = learning.table({"row": [result, {**result, "final": 2.0, "steps_to_threshold": None}]})

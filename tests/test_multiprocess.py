@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def environment(cache: Path) -> dict:
-    # a compile cache of the test's own: the resumed processes reuse the first ones' programs
+    # a compile cache of the test's own (many processes do not use it: see experiments.train.main)
     return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT),
             "WORLDMODELS_HUGEPAGES": "0", "WORLDMODELS_COMPILE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
 
