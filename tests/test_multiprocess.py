@@ -158,5 +158,5 @@ def test_a_process_shard_checkpoint_round_trips_exactly_and_a_crashed_save_leave
     assert got_replay["data/obs"] is into["data/obs"]  # filled in place
     np.testing.assert_array_equal(got_agent["carry"][0], agent["carry"][0])
     np.testing.assert_array_equal(got_agent["key"], agent["key"])
-    with pytest.raises(CheckpointMismatchError, match="replay state differs"):
+    with pytest.raises(CheckpointMismatchError, match="does not match the expected replay state"):
         shard.restore(agent, {"data/obs": np.zeros((2, 6, 4), np.float32)})
