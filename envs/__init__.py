@@ -12,6 +12,9 @@ Names are ``<family><sep><id>``:
   (`envs.memory_maze_env`).
 * ``popgym/<Env>``, e.g. ``popgym/RepeatPreviousEasy`` -> ``popgym-<Env>-v0``
   (`envs.popgym_env`).
+* ``mjx/<domain>-<task>``, e.g. ``mjx/cartpole-swingup``: the DMC task on MJX (MuJoCo
+  Playground's port, `envs.jax.mjx`), the functional env behind `JaxEnvToGymnasium`: the same
+  task the device loop runs (``--device-loop``), here for the host loop.
 
 The same envs are registered with gymnasium under the ``worldmodels``
 namespace, with ``/`` in a name written as ``-``:
@@ -252,6 +255,15 @@ def _make_popgym(env_id: str, seed: int | None, **kwargs: Any) -> gymnasium.Env:
     return make_popgym(env_id, seed, **kwargs)
 
 
+def _make_mjx(task_id: str, seed: int | None, **kwargs: Any) -> gymnasium.Env:
+    """``mjx/<domain>-<task>``; kwargs (``action_repeat``, ``time_limit``, ``impl``) go to
+    `envs.jax.mjx.MjxSuite`."""
+    from envs.jax.gymnasium_env import JaxEnvToGymnasium
+    from envs.jax.mjx import make_mjx
+
+    return JaxEnvToGymnasium(*make_mjx(task_id, **kwargs), seed=seed)
+
+
 # prefix (including its separator) -> builder. Later families add entries here.
 _REGISTRY: dict[str, Builder] = {
     "gym:": _make_gym,
@@ -260,6 +272,7 @@ _REGISTRY: dict[str, Builder] = {
     "dmc-vision/": _make_dmc_vision,
     "memory_maze/": _make_memory_maze,
     "popgym/": _make_popgym,
+    "mjx/": _make_mjx,
 }
 
 
@@ -281,7 +294,8 @@ def make(name: str, seed: int | None = None, **kwargs: Any) -> gymnasium.Env:
         ``results_dir`` for ``bsuite/``; ``action_repeat``, ``episode_length``,
         ``size``, ``camera``, ``shadowsize`` for ``dmc/`` and ``dmc-vision/``
         (`envs.dmc.make_dmc`); ``target_color``, ``action_repeat``,
-        ``episode_length`` for ``memory_maze/``; ``flatten`` for ``popgym/``.
+        ``episode_length`` for ``memory_maze/``; ``flatten`` for ``popgym/``; ``action_repeat``,
+        ``time_limit``, ``impl`` for ``mjx/``.
 
     Returns:
       A `gymnasium.Env`.
@@ -312,6 +326,7 @@ def gymnasium_names() -> dict[str, str]:
     ``worldmodels/make`` is absent: it takes the name as a keyword argument.
     """
     from envs.dmc import DMC_TASKS
+    from envs.jax.mjx import MJX_TASKS
     from envs.memory_maze_env import MAZE_SIZES
     from envs.popgym_env import POPGYM_ENVS
 
@@ -319,6 +334,7 @@ def gymnasium_names() -> dict[str, str]:
     names += [f"dmc-vision/{d}-{t}" for d, t in DMC_TASKS]
     names += [f"memory_maze/{size}" for size in MAZE_SIZES]
     names += [f"popgym/{env_id}" for env_id in POPGYM_ENVS]
+    names += [f"mjx/{task}" for task in MJX_TASKS]
     # gymnasium ids allow no '/' inside a name (it separates the namespace).
     return {"worldmodels/" + name.replace("/", "-"): name for name in names}
 

@@ -7,6 +7,7 @@ Examples:
     python -m experiments.train --env bsuite/catch/0 --preset catch
     python -m experiments.train --env gym:Pendulum-v1 --run.steps 50000 --run.logdir runs/pendulum
     python -m experiments.train --env bsuite/catch/0 --preset catch --device-loop   # JAX env, one compiled loop
+    python -m experiments.train --env mjx/cartpole-swingup --device-loop --run.num-envs 16   # DMC on MJX
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def _parse(argv: list[str] | None = None) -> tuple[Config, bool]:
         base = override(base, "agent.world_model.sequence.model", known.model)
     description = (f"{__doc__}\nPresets (--preset NAME [NAME ...]): {', '.join(sorted(PRESETS))}.\n"
                    "--env NAME is short for --run.env NAME; --model rssm|s3m for "
-                   "--agent.world_model.sequence.model.\n--device-loop: run a bsuite env with a JAX-native "
-                   "version (envs.jax) in worldmodels.device_loop (env, policy, replay and training in one "
+                   "--agent.world_model.sequence.model.\n--device-loop: run a JAX-native env (a bsuite twin "
+                   "or mjx/<domain>-<task>, envs.jax) in worldmodels.device_loop (env, policy, replay and training in one "
                    "compiled lax.scan chunk).\n\nbsuite ids are bsuite/<experiment>/<number>, the keys of "
                    "bsuite.sweep.SETTINGS: e.g. 'bsuite/memory_len/15' is memory length 30 (an unknown id "
                    f"lists what each id of its experiment means).\n\n{SMOKE_STEPS}=N in the environment "
@@ -139,13 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
     if device_loop:
         import envs.jax as jenvs
 
-        if not config.run.env.startswith("bsuite/"):
-            raise SystemExit(f"error: --device-loop needs a bsuite env with a JAX-native version "
-                             f"(bsuite/<id> of {', '.join(jenvs.experiments())}); {config.run.env!r} has no JAX-native "
-                             "version: drop --device-loop to use the host loop")
+        if not config.run.env.startswith(("bsuite/", "mjx/")):
+            raise SystemExit(f"error: --device-loop needs a JAX-native env: bsuite/<id> of "
+                             f"{', '.join(jenvs.experiments())}, or mjx/<domain>-<task> (DMC on MJX); "
+                             f"{config.run.env!r} has no JAX-native version: drop --device-loop to use the host loop")
         try:
             env, env_params = jenvs.make(config.run.env)
-        except ValueError as e:
+        except (ValueError, ModuleNotFoundError) as e:
             raise SystemExit(f"error: --device-loop: {e}") from None
     print(dumps(config))
     if device_loop:

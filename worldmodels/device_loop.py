@@ -1,6 +1,7 @@
 """The device loop: env stepping, policy, replay insertion and training in one compiled `lax.scan` chunk.
 
-For JAX-native environments (a static env object with `observation_shape`, `num_actions`,
+For JAX-native environments (a static env object with `observation_shape`, `num_actions` for discrete
+actions or `action_size` for continuous ones in [-1, 1],
 `reset(params, key) -> (state, timestep)` and `step(params, state, action, key) -> (state, timestep)`,
 the timestep having `obs`, `reward`, `terminated`, `truncated`, `first`; e.g. `envs.jax`). This module
 imports nothing from `envs/`: the env is duck-typed, and episodes are reset here the way gymnasium's
@@ -158,10 +159,13 @@ class DeviceLoop:
 
     def __init__(self, config: Config, env: Any, env_params: Any, chunk_env_steps: int | None = None):
         rc = config.run
-        for name in ("observation_shape", "num_actions", "reset", "step"):
+        for name in ("observation_shape", "reset", "step"):
             if not hasattr(env, name):
                 raise TypeError(f"the device loop needs a JAX env with `{name}` (e.g. from envs.jax.make), "
                                 f"got {type(env).__name__}")
+        if not (hasattr(env, "num_actions") or hasattr(env, "action_size")):
+            raise TypeError(f"the device loop needs a JAX env with `num_actions` (discrete actions) or `action_size` "
+                            f"(continuous actions in [-1, 1]), got {type(env).__name__}")
         self.config, self.env = config, env
         self.num_envs = n = rc.num_envs
         self.capacity_per_env = rc.replay_capacity // n
@@ -171,7 +175,8 @@ class DeviceLoop:
                              f"{rc.replay_context}): nothing could ever be sampled")
         self.obs_key, obs_shape, obs_dtype = _obs_layout(env, env_params)
         self.obs_spec = {self.obs_key: (obs_shape, obs_dtype)}
-        self.action_spec = ActionSpec(int(env.num_actions), True)
+        discrete = hasattr(env, "num_actions")
+        self.action_spec = ActionSpec(int(env.num_actions if discrete else env.action_size), discrete)
         self.step_spec: dict[str, tuple[tuple[int, ...], str]] = {
             **self.obs_spec, "action": ((self.action_spec.dim,), "float32"), "reward": ((), "float32"),
             "is_first": ((), "bool"), "is_last": ((), "bool"), "is_terminal": ((), "bool")}
@@ -191,15 +196,21 @@ class DeviceLoop:
     def _env_reset(self, params: Any, key: PRNGKeyArray) -> tuple[Any, Any]:
         return self.env.reset(params, key)
 
-    def _env_step(self, params: Any, state: Any, done: Bool[Array, ""], action: Int[Array, ""],
+    def _env_step(self, params: Any, state: Any, done: Bool[Array, ""], action: Int[Array, ""] | Float[Array, " a"],
                   key: PRNGKeyArray) -> tuple[Any, Bool[Array, ""], Any]:
         """NEXT_STEP autoreset: after an episode's last step, the next step is a reset (the action
-        is ignored). Both are computed and selected, which is cheap for these small envs."""
+        is ignored). Both are computed and selected: cheap for the bsuite envs, and for an MJX env a reset
+        costs about one physics step (under vmap a `lax.cond` would compute both anyway)."""
         step_key, reset_key = jax.random.split(key)
         stepped = self.env.step(params, state, action, step_key)
         fresh = self.env.reset(params, reset_key)
         state, timestep = jax.tree.map(lambda r, s: jnp.where(done, r, s), fresh, stepped)
         return state, jnp.asarray(timestep.terminated | timestep.truncated, bool), timestep
+
+    def _env_action(self, action: Float[Array, "n a"]) -> Array:
+        """The policy's actions as the env takes them: an index for one-hot discrete actions, else the
+        vector in [-1, 1]."""
+        return jnp.argmax(action, -1) if self.action_spec.discrete else action
 
     def _to_step(self, timestep: Any, action: Float[Array, "n a"]) -> dict[str, Array]:
         """A batched env timestep and the action into it -> one stored step (the host convention)."""
@@ -270,7 +281,7 @@ class DeviceLoop:
             key, k_act, k_env = jax.random.split(key, 3)
             action, carry = _policy(agent, carry, {self.obs_key: obs, "is_first": first}, k_act, True)
             env_state, timestep = jax.vmap(self.env.step, in_axes=(None, 0, 0, 0))(
-                env_params, env_state, jnp.argmax(action, -1), jax.random.split(k_env, episodes))
+                env_params, env_state, self._env_action(action), jax.random.split(k_env, episodes))
             stepped = self._to_step(timestep, action)
             ret = ret + jnp.where(done, 0.0, stepped["reward"])
             length = length + jnp.where(done, 0, 1)
@@ -296,7 +307,7 @@ class DeviceLoop:
         latent = _replay_latent(c.agent, policy_carry) if self.config.run.replay_context else {}
         replay = replay_add(c.replay, {**c.pending, **latent})
         env_state, done, timestep = jax.vmap(self._env_step, in_axes=(None, 0, 0, 0, 0))(
-            env_params, c.env_state, c.done, jnp.argmax(action, -1), jax.random.split(k_env, self.num_envs))
+            env_params, c.env_state, c.done, self._env_action(action), jax.random.split(k_env, self.num_envs))
         pending = self._to_step(timestep, action)
         first = pending["is_first"]
         episode_return = jnp.where(first, 0.0, c.episode_return + pending["reward"])

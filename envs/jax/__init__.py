@@ -48,6 +48,9 @@ A batch of rollouts across episodes in one compiled program::
         return jax.lax.scan(body, state, (actions, keys))[1]  # TimeStep of [T, ...] arrays
     timesteps = jax.jit(jax.vmap(rollout))(keys, actions)    # [B, T, ...]
 
+The DeepMind Control Suite on MJX (MuJoCo Playground's ports, the ``mjx`` extra) has the same API
+with continuous actions: ``make("mjx/cartpole-swingup")`` (`envs.jax.mjx`).
+
 This package imports nothing from ``worldmodels``.
 """
 
@@ -103,16 +106,24 @@ def experiments() -> list[str]:
 
 
 def make(bsuite_id: str) -> tuple[JaxEnv, Any]:
-    """Build the JAX env and params of a bsuite id.
+    """Build the JAX env and params of a bsuite id or an MJX suite task.
 
     **Arguments:**
     - `bsuite_id`: a key of ``bsuite.sweep.SETTINGS`` of a supported experiment, e.g.
-      ``"memory_len/3"``, optionally prefixed ``"bsuite/"`` (the `envs.make` name).
+      ``"memory_len/3"``, optionally prefixed ``"bsuite/"`` (the `envs.make` name); or
+      ``"mjx/<domain>-<task>"`` (`envs.jax.mjx`, e.g. ``"mjx/walker-walk"``: continuous actions,
+      `action_size` instead of `num_actions`).
 
-    **Returns:** `(env, params)`; the params come from ``bsuite.sweep.SETTINGS[bsuite_id]``.
+    **Returns:** `(env, params)`; the params come from ``bsuite.sweep.SETTINGS[bsuite_id]`` (an MJX
+    task has none: ``()``).
 
-    **Raises:** `ValueError` for an unknown id or an experiment without a JAX env.
+    **Raises:** `ValueError` for an unknown id or an experiment without a JAX env;
+    `ModuleNotFoundError` naming the ``mjx`` extra for an MJX task without MuJoCo Playground.
     """
+    if bsuite_id.startswith("mjx/"):
+        from envs.jax.mjx import make_mjx
+
+        return make_mjx(bsuite_id)
     from bsuite import sweep  # only for the settings table; stepping needs no bsuite
 
     bsuite_id = bsuite_id.removeprefix("bsuite/")
