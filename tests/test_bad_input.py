@@ -53,7 +53,7 @@ CLI_CASES = [
     (["--env", "bsuite/memory_length/3"], "unknown bsuite experiment 'memory_length'"),
     (["--env", "gym:"], "has no id after 'gym:'"),
     (["--preset", "size9m"], "unknown preset(s) 'size9m'; valid presets:"),
-    (["--device-loop", "--env", "gym:CartPole-v1"], "--device-loop needs a bsuite env"),
+    (["--device-loop", "--env", "gym:CartPole-v1"], "--device-loop needs a JAX-native env: bsuite/<id>"),
     (["--device-loop", "--env", "bsuite/catch/0", "--run.save-episodes"],
      "--run.save-episodes: options of the host loop only"),
     (["--run.video-every", "100", "--run.seq-len", "4"], "--run.video-every 100: a video observes 5 replayed steps"),
