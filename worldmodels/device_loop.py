@@ -376,7 +376,7 @@ def check_options(config: Config) -> None:
         raise ConfigError("--run.coordinator: the device loop runs in one process (its envs and replay live on "
                           "that process's devices); use the host loop for many processes, or drop --run.coordinator")
     if asked:
-        raise ConfigError(f"{', '.join(asked)}: options of the host loop only (the device loop's bsuite envs have "
+        raise ConfigError(f"{', '.join(asked)}: options of the host loop only (the device loop's JAX envs have "
                           "no images, and it records no episodes); drop them, or drop --device-loop")
 
 

@@ -16,7 +16,7 @@ vmap and `lax.scan`. The protocol is the host ``dmc/`` envs' (`envs.dmc`), Dream
 * ``params`` is an empty tuple (the task fixes everything); ``step`` ignores its key.
 
 The physics runs on MJX's JAX implementation (``impl="jax"``) by default: on a CPU it stepped
-cartpole 40-300x faster than the Warp implementation (Playground's default, ``impl="warp"``), and
+cartpole 47-360x faster than the Warp implementation (Playground's default, ``impl="warp"``), and
 it is plain XLA, so it shards and fuses with the rest of the compiled loop.
 
 Playground's ports differ from dm_control in places (its README lists them); ``experiments.mjx_parity``
