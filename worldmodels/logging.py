@@ -218,7 +218,9 @@ def final_evaluation_report(logger: RunLogger, env_step: int, returns: Sequence[
     for ret, length in zip(returns, lengths):
         logger.score(env_step, "eval", ret, length)
     train = recent.returns(env_step)
+    sampled = (f"mean {np.mean(train):.1f} over {len(train)}" if train
+               else "none ended in that window")
     print(f"greedy evaluation at env step {env_step}: mean return {np.mean(returns):.1f} (min {min(returns):.1f}, "
           f"max {max(returns):.1f}) over {len(returns)} episodes; training episodes (sampled actions) of the last "
-          f"{recent.window} env steps: mean {np.mean(train) if train else float('nan'):.1f} over {len(train)}")
+          f"{recent.window} env steps: {sampled}")
     return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
