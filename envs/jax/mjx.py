@@ -143,7 +143,7 @@ class MjxSuite:
 
     @property
     def observation_shape(self) -> tuple[int, ...]:
-        return tuple(jax.eval_shape(self.physics_env.reset, jax.random.PRNGKey(0)).obs.shape)
+        return _observation_shape(self.task, self.impl)
 
     @property
     def action_size(self) -> int:
@@ -174,6 +174,13 @@ class MjxSuite:
         timestep = TimeStep(obs=_finite(physics.obs), reward=jnp.nan_to_num(jnp.sum(rewards)).astype(jnp.float32),
                             terminated=terminated, truncated=truncated, first=jnp.zeros((), bool))
         return MjxState(physics, control_steps), timestep
+
+
+@functools.lru_cache(maxsize=None)
+def _observation_shape(task: str, impl: str) -> tuple[int, ...]:
+    """The shape of Playground's observation (traced once per task: it costs a reset's trace)."""
+    physics_env = playground_env(task, impl)
+    return tuple(jax.eval_shape(physics_env.reset, jax.random.PRNGKey(0)).obs.shape)
 
 
 def _finite(obs: Float[Array, " o"]) -> Float[Array, " o"]:
