@@ -40,8 +40,17 @@ class JaxEnvToGymnasium(gymnasium.Env):
         self._compile()
 
     def _compile(self) -> None:
-        self._reset_fn = jax.jit(self.env.reset)
-        self._step_fn = jax.jit(self.env.step)
+        # the key is split inside the jitted call: one dispatch a step, not two
+        def reset(params, key):
+            key, sub = jax.random.split(key)
+            return key, *self.env.reset(params, sub)
+
+        def step(params, state, action, key):
+            key, sub = jax.random.split(key)
+            return key, *self.env.step(params, state, action, sub)
+
+        self._reset_fn, self._step_fn = jax.jit(reset), jax.jit(step)
+        self._action_dtype = jnp.int32 if isinstance(self.action_space, gymnasium.spaces.Discrete) else jnp.float32
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         if seed is None:
@@ -49,21 +58,19 @@ class JaxEnvToGymnasium(gymnasium.Env):
         super().reset(seed=seed)
         if seed is not None or self._key is None:
             self._key = jax.random.PRNGKey(int(self.np_random.integers(2**31)))
-        self._key, key = jax.random.split(self._key)
-        self._state, timestep = self._reset_fn(self.params, key)
+        self._key, self._state, timestep = self._reset_fn(self.params, self._key)
         return np.asarray(timestep.obs, np.float32), {}
 
     def step(self, action: Any):
         if self._state is None:
             raise RuntimeError("step before reset: call reset() first")
-        self._key, key = jax.random.split(self._key)
-        action = jnp.asarray(action, jnp.int32 if hasattr(self.env, "num_actions") else jnp.float32)
-        self._state, timestep = self._step_fn(self.params, self._state, action, key)
+        self._key, self._state, timestep = self._step_fn(self.params, self._state,
+                                                         jnp.asarray(action, self._action_dtype), self._key)
         return (np.asarray(timestep.obs, np.float32), float(timestep.reward), bool(timestep.terminated),
                 bool(timestep.truncated), {})
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_reset_fn", "_step_fn")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_reset_fn", "_step_fn", "_action_dtype")}
         return jax.device_get(state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
