@@ -113,6 +113,21 @@ def test_schedule_follows_train_ratio():
     assert dl.make_schedule(16.0, 4, 16, 1, 128).effective_train_ratio(4, 16) == 16.0
 
 
+def test_loops_of_one_program_share_its_compiled_functions(tmp_path):
+    env, params = jenvs.make("catch/0")
+    first = dl.DeviceLoop(debug_config(tmp_path / "a", steps=256, train_ratio=16.0), env, params, 64)
+    # another run dir, budget, seed and evaluation: the same program
+    again = dl.DeviceLoop(debug_config(tmp_path / "b", steps=1024, seed=3, eval_every=128, train_ratio=16.0),
+                          jenvs.make("catch/0")[0], params, 64)
+    assert again.chunk is first.chunk and again._evaluate_jit is first._evaluate_jit
+    # what the chunk computes differs: its own program
+    for other in (dl.DeviceLoop(debug_config(tmp_path / "a", steps=256, train_ratio=32.0), env, params, 64),
+                  dl.DeviceLoop(debug_config(tmp_path / "a", steps=256, train_ratio=16.0), env, params, 128),
+                  dl.DeviceLoop(debug_config(tmp_path / "a", steps=256, train_ratio=16.0),
+                                jenvs.make("memory_len/0")[0], jenvs.make("memory_len/0")[1], 64)):
+        assert other.chunk is not first.chunk
+
+
 def test_short_training_run_compiles_once_and_writes_logs(tmp_path):
     env, params = jenvs.make("catch/0")
     config = debug_config(tmp_path, steps=256, train_ratio=16.0)  # one update every 4 env steps

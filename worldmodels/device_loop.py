@@ -35,6 +35,7 @@ gathered from the devices that hold them.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,15 +51,24 @@ from worldmodels import agent as agent_lib
 from worldmodels import sharding
 from worldmodels.agent import ActionSpec, AgentState, PolicyCarry
 from worldmodels.checkpoint import Checkpointer
-from worldmodels.config import Config, ConfigError, dumps, to_dict, validate
+from worldmodels.config import Config, ConfigError, RunConfig, dumps, to_dict, validate
 from worldmodels.logging import RecentReturns, RunLogger, final_evaluation_report, recent_window
 from worldmodels.replay import (DeviceReplay, replay_add, replay_init, replay_pad, replay_sample_windows,
                                 replay_stored, replay_stored_part, replay_update)
 from worldmodels.resume import (ConfigMismatchError, StopOnInterrupt, check_resumable, nonfinite_updates_error,
                                 restore_usable, save_or_warn, skipped_in_a_row)
 
-# How often the chunk has been traced (compiled); tests check it stays at one per DeviceLoop.
+# How often the chunk has been traced (compiled); tests check it stays at one per program (see `_PROGRAMS`).
 TRACE_COUNTS: collections.Counter = collections.Counter()
+
+# Jitted functions shared by the loops that trace the same programs: equal config but for the run
+# options below, equal env, equal schedule. A resumed or repeated run in one process (a notebook, a
+# test) compiles nothing again. Keyed by `DeviceLoop._program_key`; the oldest entries are dropped.
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_PROGRAMS_KEPT = 8
+# Run options that only the Python loop around the chunk reads (budget, logging, checkpoints, evaluation).
+_OUTSIDE_THE_CHUNK = ("steps", "logdir", "seed", "eval_every", "eval_episodes", "final_eval_episodes",
+                      "checkpoint_every", "max_skipped_updates", "progress", "tensorboard", "wandb")
 
 # The policy's un-jitted inner function: a jitted wrapper called inside a trace would only inline,
 # but going through equinox's filter_jit there costs tracing time for nothing.
@@ -150,7 +160,9 @@ def _obs_layout(env: Any, env_params: Any) -> tuple[str, tuple[int, ...], str]:
 
 class DeviceLoop:
     """The compiled pieces of a device-loop run: `init(key) -> LoopCarry` and
-    `chunk(carry, env_params) -> (carry, ChunkOutputs)` (jitted once, the carry donated).
+    `chunk(carry, env_params) -> (carry, ChunkOutputs)` (jitted once, the carry donated). Loops of
+    the same program (equal config but for the run's budget, seed, logdir, logging, checkpointing and
+    evaluation; an equal, hashable env) share their jitted functions, so they compile once per process.
 
     **Arguments:** `config` (its `run.num_envs`, `train_ratio`, `batch_size`, `seq_len`,
     `replay_capacity`, `train_start` are used), a duck-typed JAX env (see the module docstring) and
@@ -186,10 +198,36 @@ class DeviceLoop:
         self.mesh = mesh if sharding.data_size(mesh) > 1 else None
         if self.mesh is not None:  # each device steps and stores its own envs
             sharding.check_batch("--run.num-envs", n, mesh)
+        self._program_key = self._make_program_key()
         # with a mesh, `place` jits it again with the carry's shardings
-        self.chunk = jax.jit(self._chunk, donate_argnums=0,
-                             compiler_options=agent_lib.compiler_options(jax.default_backend()))
-        self._evaluate_jit = jax.jit(self._evaluate, static_argnums=(3, 4))
+        self.chunk = self._shared("chunk", lambda: jax.jit(
+            self._chunk, donate_argnums=0, compiler_options=agent_lib.compiler_options(jax.default_backend())))
+        self._evaluate_jit = self._shared("evaluate", lambda: jax.jit(self._evaluate, static_argnums=(3, 4)))
+        self._reset_envs = self._shared("reset", lambda: jax.jit(jax.vmap(self._env_reset, in_axes=(None, 0))))
+
+    def _make_program_key(self) -> Any:
+        """What fixes the traced programs: the config less `_OUTSIDE_THE_CHUNK`, the env, the schedule;
+        None if the env is not hashable (then nothing is shared)."""
+        defaults = RunConfig()
+        run = dataclasses.replace(self.config.run, **{name: getattr(defaults, name) for name in _OUTSIDE_THE_CHUNK})
+        key = (dataclasses.replace(self.config, run=run), self.env, self.schedule)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def _shared(self, name: str, make: Any) -> Any:
+        """`make()`, or the function an earlier loop with the same program key made under `name`."""
+        if self._program_key is None:
+            return make()
+        key = (name, self._program_key)
+        if key not in _PROGRAMS:
+            _PROGRAMS[key] = make()
+            while len(_PROGRAMS) > _PROGRAMS_KEPT:
+                _PROGRAMS.popitem(last=False)
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
 
     # -- env stepping (one env; vmapped over N)
 
@@ -230,8 +268,7 @@ class DeviceLoop:
         n = self.num_envs
         k_agent, k_env, k_loop = jax.random.split(key, 3)
         agent = agent_lib.init(self.config.agent, self.obs_spec, self.action_spec, k_agent)
-        env_state, timestep = jax.jit(jax.vmap(self._env_reset, in_axes=(None, 0)))(
-            env_params, jax.random.split(k_env, n))
+        env_state, timestep = self._reset_envs(env_params, jax.random.split(k_env, n))
         pending = self._to_step(timestep, jnp.zeros((n, self.action_spec.dim)))
         latent_spec = agent_lib.latent_spec(agent) if self.config.run.replay_context else {}
         replay = replay_init({**self.step_spec, **latent_spec}, n, self.capacity_per_env)
@@ -253,9 +290,9 @@ class DeviceLoop:
             **{name: jax.tree.map(per_env, getattr(carry, name)) for name in
                ("policy_carry", "env_state", "done", "pending", "replay", "episode_return", "episode_length")},
             env_steps=everywhere, updates=everywhere, key=everywhere)
-        self.chunk = jax.jit(self._chunk, donate_argnums=0, in_shardings=(shardings, everywhere),
-                             out_shardings=(shardings, everywhere),
-                             compiler_options=agent_lib.compiler_options(jax.default_backend()))
+        self.chunk = self._shared("placed chunk", lambda: jax.jit(
+            self._chunk, donate_argnums=0, in_shardings=(shardings, everywhere), out_shardings=(shardings, everywhere),
+            compiler_options=agent_lib.compiler_options(jax.default_backend())))
         return jax.device_put(carry, shardings)
 
     # -- greedy evaluation
