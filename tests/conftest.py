@@ -9,6 +9,23 @@ import jax
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """With `-n N` (`--dist loadgroup`, see pyproject.toml), each module is one group: it runs on one
+    worker, in order, so its module fixtures and compiled programs are built once. The tests of a
+    module that sets `SPREAD_OVER_WORKERS = True` (each runs its own processes, sharing nothing) go
+    one by one to whichever worker is free, but for those it marks with an `xdist_group` of their
+    own (e.g. those sharing a module fixture). The lone tests run first: they are the longest, and
+    the groups that follow even out the workers' ends."""
+    alone = []
+    for item in items:
+        spread = getattr(item.module, "SPREAD_OVER_WORKERS", False)
+        if not spread:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        alone.append(spread and item.get_closest_marker("xdist_group") is None)
+    items[:] = [item for item, a in zip(items, alone) if a] + [item for item, a in zip(items, alone) if not a]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drops JAX's compiled programs after each test module. XLA's CPU executables keep their code in

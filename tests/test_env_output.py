@@ -57,7 +57,9 @@ def test_host_loop_stops_on_a_nan_reward_naming_env_key_and_step(tmp_path):
 
 
 def test_loop_with_env_processes_drops_the_bad_episode_and_goes_on(tmp_path):
-    with pytest.warns(EnvCrashWarning, match="non-finite reward"):
-        summary = loop.run(_config(tmp_path, parallel_envs=True, train_ratio=0.0, final_eval_episodes=0),
+    # every 5th step is bad: 24 steps, 4 restarts (each spawns a fresh process, a few seconds)
+    with pytest.warns(EnvCrashWarning, match="non-finite reward") as crashes:
+        summary = loop.run(_config(tmp_path, steps=24, parallel_envs=True, train_ratio=0.0, final_eval_episodes=0),
                            lambda seed: NaNEnv(at=5), parallel_vector_env=ParallelVectorEnv)
-    assert summary["env_steps"] == 128
+    assert summary["env_steps"] == 24
+    assert sum(issubclass(w.category, EnvCrashWarning) for w in crashes) == 4

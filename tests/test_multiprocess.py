@@ -16,6 +16,8 @@ import pytest
 
 import worldmodels
 
+SPREAD_OVER_WORKERS = True  # each test runs its own processes: tests/conftest.py spreads them over workers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

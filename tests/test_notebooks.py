@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+SPREAD_OVER_WORKERS = True  # each test runs its own processes: tests/conftest.py spreads them over workers
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 REPO = NOTEBOOKS.parent
 

@@ -4,9 +4,10 @@ The commands are read from the README's fenced ``bash`` blocks (one command a li
 ``python`` blocks (each run as a script). Training runs are shortened through one mechanism that
 the CLI documents: ``WORLDMODELS_SMOKE_STEPS`` (see `experiments.train.apply_smoke_steps`). Each
 command runs in its own empty working directory, so relative run directories (``runs/default``) are
-its own; the commands share one compile cache. What is not run is said by the test, never skipped
-silently: ``pip install`` steps (CI installs before it runs the tests), the test command itself,
-and README lines marked with `NOT_RUN_MARK` and a reason (e.g. a GPU-only command).
+its own; the commands that run on one pytest worker share one compile cache. What is not run is
+said by the test, never skipped silently: ``pip install`` steps (CI installs before it runs the
+tests), the test command itself, and README lines marked with `NOT_RUN_MARK` and a reason (e.g. a
+GPU-only command).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+SPREAD_OVER_WORKERS = True  # each test runs its own processes: tests/conftest.py spreads them over workers
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

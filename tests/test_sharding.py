@@ -16,6 +16,8 @@ import worldmodels
 from worldmodels import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
+SPREAD_OVER_WORKERS = True  # its tests run their own processes; those that share `steps` run together
+SHARED_STEPS = pytest.mark.xdist_group("test_sharding.steps")
 
 
 def run_on(devices: int, argv: list[str], cwd: Path, compile_cache: str = "") -> subprocess.CompletedProcess:
@@ -36,6 +38,7 @@ def steps(tmp_path_factory):
     return out
 
 
+@SHARED_STEPS
 def test_one_update_and_policy_step_on_4_devices_equal_1(steps):
     one, four = steps[1], steps[4]
     assert (int(one["devices"]), int(four["devices"])) == (1, 4)
@@ -51,6 +54,7 @@ def test_one_update_and_policy_step_on_4_devices_equal_1(steps):
     np.testing.assert_allclose(four["latent"], one["latent"], rtol=1e-4, atol=1e-5)
 
 
+@SHARED_STEPS
 def test_an_fsdp_axis_splits_the_big_state_arrays_and_updates_as_one_device_does(steps):
     one, fsdp = steps[1], steps["data=2,fsdp=2"]
     assert int(fsdp["devices"]) == 4 and int(fsdp["traces"]) == 1
@@ -63,6 +67,7 @@ def test_an_fsdp_axis_splits_the_big_state_arrays_and_updates_as_one_device_does
     np.testing.assert_array_equal(fsdp["action"], one["action"])
 
 
+@SHARED_STEPS
 def test_the_4_device_program_compiles_once_and_reduces_across_devices(steps):
     assert int(steps[4]["traces"]) == 1  # lowered once; the two updates after it reuse it
     assert bool(steps[4]["all_reduce"])  # XLA's gradient reduction across the data axis
