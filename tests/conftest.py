@@ -19,9 +19,10 @@ def pytest_collection_modifyitems(config, items):
     the groups that follow even out the workers' ends."""
     alone = []
     for item in items:
-        spread = getattr(item.module, "SPREAD_OVER_WORKERS", False)
+        module = getattr(item, "module", None)
+        spread = getattr(module, "SPREAD_OVER_WORKERS", False)
         if not spread:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            item.add_marker(pytest.mark.xdist_group(getattr(module, "__name__", item.nodeid.split("::")[0])))
         alone.append(spread and item.get_closest_marker("xdist_group") is None)
     items[:] = [item for item, a in zip(items, alone) if a] + [item for item, a in zip(items, alone) if not a]
 
