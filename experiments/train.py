@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
     if device_loop:
         import envs.jax as jenvs
 
+        if config.run.env.startswith("dmc-vision/"):
+            task = config.run.env.removeprefix("dmc-vision/")
+            raise SystemExit(f"error: --device-loop has no image envs: MJX's batch renderer (mujoco.mjx.render) draws "
+                             f"only MuJoCo Warp physics, from a render context made for a fixed number of worlds that "
+                             f"jax.vmap cannot batch. Use mjx/{task} (proprio) in the device loop, or drop "
+                             f"--device-loop to train on {config.run.env} images in the host loop")
         if not config.run.env.startswith(("bsuite/", "mjx/")):
             raise SystemExit(f"error: --device-loop needs a JAX-native env: bsuite/<id> of "
                              f"{', '.join(jenvs.experiments())}, or mjx/<domain>-<task> (DMC on MJX); "

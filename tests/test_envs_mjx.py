@@ -140,6 +140,9 @@ def test_bad_names_and_a_missing_extra_are_clear_errors(monkeypatch, capsys):
         mjx_envs.MjxSuite("cartpole-balance", impl="cuda")
     with pytest.raises(SystemExit, match="mjx/<domain>-<task>"):
         train_cli.main(["--env", "dmc/walker-walk", "--device-loop", "--run.steps", "8"])
+    with pytest.raises(SystemExit, match="no image envs: .*Use mjx/walker-walk .*dmc-vision/walker-walk images in "
+                                         "the host loop"):
+        train_cli.main(["--env", "dmc-vision/walker-walk", "--device-loop", "--run.steps", "8"])
     import importlib.util
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mujoco_playground"
