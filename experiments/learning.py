@@ -115,13 +115,15 @@ def table(results: dict[str, list[dict]]) -> str:
     lines = ["| row | seeds | final return (last tenth) | best tenth | final >= half best | greedy eval at end "
              "| env steps to threshold | wall minutes |", "|---|---|---|---|---|---|---|---|"]
     for row, runs in results.items():
+        returns = [r[k] for r in runs for k in ("final", "best", "greedy_eval") if r[k] is not None]
+        fmt = "{:.2f}" if all(abs(v) < 10 for v in returns) else "{:.1f}"  # bsuite's returns lie in [-1, 1]
         steps = [r["steps_to_threshold"] for r in runs]
         reached = f"{_spread([s for s in steps if s is not None], '{:.0f}')} ({sum(s is not None for s in steps)}/{len(runs)} " \
                   f"reach {runs[0]['threshold']:g})"
         held = sum(r["final"] >= 0.5 * r["best"] for r in runs)
-        lines.append(f"| {row} | {len(runs)} | {_spread([r['final'] for r in runs])} | "
-                     f"{_spread([r['best'] for r in runs])} | {held}/{len(runs)} | "
-                     f"{_spread([r['greedy_eval'] for r in runs])} | {reached} | "
+        lines.append(f"| {row} | {len(runs)} | {_spread([r['final'] for r in runs], fmt)} | "
+                     f"{_spread([r['best'] for r in runs], fmt)} | {held}/{len(runs)} | "
+                     f"{_spread([r['greedy_eval'] for r in runs], fmt)} | {reached} | "
                      f"{_spread([r['seconds'] / 60 for r in runs])} |")
     return "\n".join(lines)
 

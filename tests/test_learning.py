@@ -32,6 +32,8 @@ def test_summarise_a_run(tmp_path):
     table = learning.table({"row": [result, {**result, "final": 2.0, "steps_to_threshold": None}]})
     assert "| row | 2 | 6.0 [2.0, 10.0] | 10.0 [10.0, 10.0] | 1/2 |" in table
     assert "95 [95, 95] (1/2 reach 4)" in table
+    small = {**result, "final": 0.96, "best": 0.97, "greedy_eval": 1.0}  # bsuite-sized returns: two decimals
+    assert "| row | 1 | 0.96 [0.96, 0.96] | 0.97 [0.97, 0.97] | 1/1 | 1.00 [1.00, 1.00] |" in learning.table({"row": [small]})
 
 
 def test_smoke_run_is_resumable(tmp_path, monkeypatch, capsys):
