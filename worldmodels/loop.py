@@ -279,6 +279,8 @@ class HostRun:
             print(f"mesh: {sharding.data_size(mesh)} devices on the data axis ({jax.devices()[0].platform}"
                   + (f", {self.processes} processes" if self.processes > 1 else "") + f"); each batch of "
                   f"{rc.batch_size} split over them" + (", and the env batch" if self.split_envs else "") + fsdp)
+        else:  # committed to its device, as restored arrays are: a fresh and a resumed run share one compile
+            self.state, self.carry, self.key = sharding.put_committed((self.state, self.carry, self.key))
         self._policy_state = sharding.local_copy(self.state) if self.processes > 1 else None
         if not self.main:
             return
@@ -400,7 +402,9 @@ class HostRun:
 
     def _initial_carry(self) -> agent_lib.PolicyCarry:
         carry = agent_lib.initial_carry(self.policy_state, self.n)
-        return jax.device_put(carry, sharding.split_batch(self.mesh)) if self.split_envs else carry
+        if self.split_envs:
+            return jax.device_put(carry, sharding.split_batch(self.mesh))
+        return sharding.put_committed(carry) if self.mesh is None else carry  # as a restored carry
 
     # -- the loop's phases -----------------------------------------------------------------
 
