@@ -234,15 +234,25 @@ class DeviceLoop:
     def _env_reset(self, params: Any, key: PRNGKeyArray) -> tuple[Any, Any]:
         return self.env.reset(params, key)
 
-    def _env_step(self, params: Any, state: Any, done: Bool[Array, ""], action: Int[Array, ""] | Float[Array, " a"],
-                  key: PRNGKeyArray) -> tuple[Any, Bool[Array, ""], Any]:
-        """NEXT_STEP autoreset: after an episode's last step, the next step is a reset (the action
-        is ignored). Both are computed and selected: cheap for the bsuite envs, and for an MJX env a reset
-        costs about one physics step (under vmap a `lax.cond` would compute both anyway)."""
-        step_key, reset_key = jax.random.split(key)
-        stepped = self.env.step(params, state, action, step_key)
-        fresh = self.env.reset(params, reset_key)
-        state, timestep = jax.tree.map(lambda r, s: jnp.where(done, r, s), fresh, stepped)
+    def _step_envs(self, params: Any, state: Any, done: Bool[Array, " n"], action: Int[Array, " n"] | Float[Array, "n a"],
+                   key: PRNGKeyArray) -> tuple[Any, Bool[Array, " n"], Any]:
+        """All N envs one step, with NEXT_STEP autoreset: after an episode's last step, the env's next step
+        is a reset (its action is ignored). The resets are computed only when some env needs one, then
+        selected per env: an MJX env's reset is a physics forward (and with images, a render)."""
+        keys = jax.vmap(jax.random.split)(jax.random.split(key, self.num_envs))  # [n, 2]: step, reset
+        stepped = jax.vmap(self.env.step, in_axes=(None, 0, 0, 0))(params, state, action, keys[:, 0])
+
+        def reset(stepped):
+            fresh = jax.vmap(self.env.reset, in_axes=(None, 0))(params, keys[:, 1])
+            return jax.tree.map(lambda f, s: jnp.asarray(f, s.dtype), fresh, stepped)
+
+        fresh = jax.lax.cond(jnp.any(done), reset, lambda stepped: stepped, stepped)
+        def select(fresh, stepped):  # leaves without an env axis (MuJoCo Warp's shared buffers) are the step's
+            if jnp.ndim(stepped) == 0 or stepped.shape[0] != self.num_envs:
+                return stepped
+            return jnp.where(done.reshape(-1, *(1,) * (stepped.ndim - 1)), fresh, stepped)
+
+        state, timestep = jax.tree.map(select, fresh, stepped)
         return state, jnp.asarray(timestep.terminated | timestep.truncated, bool), timestep
 
     def _env_action(self, action: Float[Array, "n a"]) -> Array:
@@ -279,9 +289,9 @@ class DeviceLoop:
 
     def place(self, carry: LoopCarry) -> LoopCarry:
         """The carry on the mesh (see the module docstring), and `chunk` compiled for that layout; without
-        a mesh, the carry as it is."""
+        a mesh, the carry committed to its device (`sharding.put_committed`)."""
         if self.mesh is None:
-            return carry
+            return sharding.put_committed(carry)
         mesh, n = self.mesh, self.num_envs
         split, everywhere = sharding.split_batch(mesh), sharding.replicated(mesh)
         per_env = lambda x: split if x.ndim >= 1 and x.shape[0] == n else everywhere
@@ -343,8 +353,7 @@ class DeviceLoop:
         action, policy_carry = _policy(c.agent, c.policy_carry, obs, k_act)
         latent = _replay_latent(c.agent, policy_carry) if self.config.run.replay_context else {}
         replay = replay_add(c.replay, {**c.pending, **latent})
-        env_state, done, timestep = jax.vmap(self._env_step, in_axes=(None, 0, 0, 0, 0))(
-            env_params, c.env_state, c.done, self._env_action(action), jax.random.split(k_env, self.num_envs))
+        env_state, done, timestep = self._step_envs(env_params, c.env_state, c.done, self._env_action(action), k_env)
         pending = self._to_step(timestep, action)
         first = pending["is_first"]
         episode_return = jnp.where(first, 0.0, c.episode_return + pending["reward"])
