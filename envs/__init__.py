@@ -264,6 +264,11 @@ def _make_mjx(task_id: str, seed: int | None, **kwargs: Any) -> gymnasium.Env:
     return JaxEnvToGymnasium(*make_mjx(task_id, **kwargs), seed=seed)
 
 
+def _make_mjx_vision(task_id: str, seed: int | None, **kwargs: Any) -> gymnasium.Env:
+    """``mjx-vision/<domain>-<task>``: `_make_mjx`'s env with uint8 images (``image_size`` too)."""
+    return _make_mjx(task_id, seed, **{"vision": True, "impl": "warp", **kwargs})
+
+
 # prefix (including its separator) -> builder. Later families add entries here.
 _REGISTRY: dict[str, Builder] = {
     "gym:": _make_gym,
@@ -273,6 +278,7 @@ _REGISTRY: dict[str, Builder] = {
     "memory_maze/": _make_memory_maze,
     "popgym/": _make_popgym,
     "mjx/": _make_mjx,
+    "mjx-vision/": _make_mjx_vision,
 }
 
 
@@ -295,7 +301,7 @@ def make(name: str, seed: int | None = None, **kwargs: Any) -> gymnasium.Env:
         ``size``, ``camera``, ``shadowsize`` for ``dmc/`` and ``dmc-vision/``
         (`envs.dmc.make_dmc`); ``target_color``, ``action_repeat``,
         ``episode_length`` for ``memory_maze/``; ``flatten`` for ``popgym/``; ``action_repeat``,
-        ``time_limit``, ``impl`` for ``mjx/``.
+        ``time_limit``, ``impl`` for ``mjx/`` (and ``image_size`` for ``mjx-vision/``).
 
     Returns:
       A `gymnasium.Env`.
@@ -335,6 +341,7 @@ def gymnasium_names() -> dict[str, str]:
     names += [f"memory_maze/{size}" for size in MAZE_SIZES]
     names += [f"popgym/{env_id}" for env_id in POPGYM_ENVS]
     names += [f"mjx/{task}" for task in MJX_TASKS]
+    names += [f"mjx-vision/{task}" for task in MJX_TASKS]
     # gymnasium ids allow no '/' inside a name (it separates the namespace).
     return {"worldmodels/" + name.replace("/", "-"): name for name in names}
 

@@ -2,6 +2,7 @@
 
     python -m experiments.mjx_speed                                   # cartpole-swingup, walker-walk
     python -m experiments.mjx_speed --tasks walker-walk --envs 1 64 --no-train
+    python -m experiments.mjx_speed --vision --tasks cartpole-swingup --envs 1 16 64 --train-envs 16
 
 Rows, per task (env steps are agent steps: action repeat 2, as everywhere here):
 - `mjx env`: the functional env alone, N envs vmapped with NEXT_STEP auto-reset, uniform random
@@ -11,6 +12,10 @@ Rows, per task (env steps are agent steps: action repeat 2, as everywhere here):
 - `dmc host env`: dm_control's env (`envs.make('dmc/<task>')`) stepped in Python, random actions;
 - `dmc parallel envs`: N dm_control envs in worker processes (`envs.parallel.ParallelVectorEnv`,
   what `--run.parallel-envs` uses).
+
+`--vision`: the same rows with 64x64 images: `mjx-vision/` (MJX's batch renderer, Warp physics) and
+`dmc-vision/` (dm_control's OpenGL renderer); the device loop's default preset becomes
+dreamer-dmc-vision-cpu.
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ from worldmodels import device_loop  # noqa: E402
 from worldmodels.config import make_config  # noqa: E402
 
 
-def mjx_env_rate(task: str, num_envs: int, seconds: float = 5.0) -> tuple[float, float]:
+def mjx_env_rate(task: str, num_envs: int, seconds: float = 5.0, family: str = "mjx") -> tuple[float, float]:
     """(steady env steps/s, compile seconds) of `num_envs` MJX envs stepped in one jitted scan."""
-    env, params = jenvs.make(f"mjx/{task}")
+    env, params = jenvs.make(f"{family}/{task}")
     auto = jenvs.AutoReset(env)
     length = max(10, 4096 // num_envs)
 
@@ -63,9 +68,9 @@ def mjx_env_rate(task: str, num_envs: int, seconds: float = 5.0) -> tuple[float,
     return steps / (time.time() - start), compile_s
 
 
-def host_rate(task: str, num_envs: int, seconds: float = 5.0) -> float:
+def host_rate(task: str, num_envs: int, seconds: float = 5.0, family: str = "dmc") -> float:
     """Env steps/s of dm_control's env (1: in this process; more: in worker processes)."""
-    factory = functools.partial(envs.make, f"dmc/{task}")
+    factory = functools.partial(envs.make, f"{family}/{task}")
     rng = np.random.default_rng(0)
     if num_envs == 1:
         env = factory(seed=0)
@@ -89,9 +94,10 @@ def host_rate(task: str, num_envs: int, seconds: float = 5.0) -> float:
         vector.close()
 
 
-def device_loop_rate(task: str, num_envs: int, presets: list[str], chunks: int, root: Path) -> tuple[float, float]:
+def device_loop_rate(task: str, num_envs: int, presets: list[str], chunks: int, root: Path,
+                     family: str = "mjx") -> tuple[float, float]:
     """(steady env steps/s, first chunk seconds) of the device loop training on `num_envs` MJX envs."""
-    env, params = jenvs.make(f"mjx/{task}")
+    env, params = jenvs.make(f"{family}/{task}")
     base = make_config(presets)
     # each env fills a replay window in the first chunk, so the next ones train from their start
     per_env = max(base.run.window + 1, round(4 * base.run.batch_size * base.run.seq_len / base.run.train_ratio))
@@ -113,26 +119,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-envs", type=int, nargs="*", default=[1, 16],
                         help="env counts for the device-loop rows (with training the loop is update-bound: a "
                              "train ratio of 64 makes one update per 16 env steps, whatever the env count)")
-    parser.add_argument("--preset", nargs="+", default=["dreamer-dmc-cpu"])
+    parser.add_argument("--preset", nargs="+", default=None,
+                        help="device-loop presets (default dreamer-dmc-cpu; with --vision dreamer-dmc-vision-cpu)")
+    parser.add_argument("--vision", action="store_true", help="64x64 images: mjx-vision/ and dmc-vision/")
     parser.add_argument("--chunks", type=int, default=3, help="device-loop chunks per run (the first compiles)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--no-train", action="store_true", help="skip the device-loop rows")
     args = parser.parse_args(argv)
+    host, mjx = ("dmc-vision", "mjx-vision") if args.vision else ("dmc", "mjx")
+    presets = args.preset or (["dreamer-dmc-vision-cpu"] if args.vision else ["dreamer-dmc-cpu"])
     register_presets()
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for task in args.tasks:
             for n in args.host_envs:
-                rows.append((task, "dmc host env" if n == 1 else "dmc parallel envs", n, host_rate(task, n, args.seconds),
-                             None))
+                rows.append((task, f"{host} host env" if n == 1 else f"{host} parallel envs", n,
+                             host_rate(task, n, args.seconds, host), None))
                 print(rows[-1], flush=True)
             for n in args.envs:
-                rows.append((task, "mjx env", n, *mjx_env_rate(task, n, args.seconds)))
+                rows.append((task, f"{mjx} env", n, *mjx_env_rate(task, n, args.seconds, mjx)))
                 print(rows[-1], flush=True)
             if not args.no_train:
                 for n in args.train_envs:
-                    rows.append((task, f"mjx device loop ({'+'.join(args.preset)})", n,
-                                 *device_loop_rate(task, n, args.preset, args.chunks, Path(root))))
+                    rows.append((task, f"{mjx} device loop ({'+'.join(presets)})", n,
+                                 *device_loop_rate(task, n, presets, args.chunks, Path(root), mjx)))
                     print(rows[-1], flush=True)
     print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print("| task | what | envs | env steps/s | compile or first chunk s |\n|---|---|---|---|---|")

@@ -8,6 +8,7 @@ Examples:
     python -m experiments.train --env gym:Pendulum-v1 --run.steps 50000 --run.logdir runs/pendulum
     python -m experiments.train --env bsuite/catch/0 --preset catch --device-loop   # JAX env, one compiled loop
     python -m experiments.train --env mjx/cartpole-swingup --device-loop --run.num-envs 16   # DMC on MJX
+    python -m experiments.train --env mjx-vision/cartpole-swingup --device-loop --run.num-envs 16  # its images
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _parse(argv: list[str] | None = None) -> tuple[Config, bool]:
     description = (f"{__doc__}\nPresets (--preset NAME [NAME ...]): {', '.join(sorted(PRESETS))}.\n"
                    "--env NAME is short for --run.env NAME; --model rssm|s3m for "
                    "--agent.world_model.sequence.model.\n--device-loop: run a JAX-native env (a bsuite twin "
-                   "or mjx/<domain>-<task>, envs.jax) in worldmodels.device_loop (env, policy, replay and training in one "
+                   "or mjx/<domain>-<task>, mjx-vision/ for images, envs.jax) in worldmodels.device_loop (env, policy, replay and training in one "
                    "compiled lax.scan chunk).\n\nbsuite ids are bsuite/<experiment>/<number>, the keys of "
                    "bsuite.sweep.SETTINGS: e.g. 'bsuite/memory_len/15' is memory length 30 (an unknown id "
                    f"lists what each id of its experiment means).\n\n{SMOKE_STEPS}=N in the environment "
@@ -140,16 +141,16 @@ def main(argv: list[str] | None = None) -> dict:
     if device_loop:
         import envs.jax as jenvs
 
-        if config.run.env.startswith("dmc-vision/"):
-            task = config.run.env.removeprefix("dmc-vision/")
-            raise SystemExit(f"error: --device-loop has no image envs: MJX's batch renderer (mujoco.mjx.render) draws "
-                             f"only MuJoCo Warp physics, from a render context made for a fixed number of worlds that "
-                             f"jax.vmap cannot batch. Use mjx/{task} (proprio) in the device loop, or drop "
-                             f"--device-loop to train on {config.run.env} images in the host loop")
-        if not config.run.env.startswith(("bsuite/", "mjx/")):
+        if config.run.env.startswith(("dmc/", "dmc-vision/")):
+            family, task = config.run.env.split("/", 1)
+            twin = {"dmc": "mjx", "dmc-vision": "mjx-vision"}[family]
+            raise SystemExit(f"error: --device-loop needs a JAX-native env, and {family}/ is dm_control's, stepped on "
+                             f"the host: use {twin}/{task} (MuJoCo Playground's port on MJX) in the device loop, or "
+                             f"drop --device-loop to train on {config.run.env} in the host loop")
+        if not config.run.env.startswith(("bsuite/", "mjx/", "mjx-vision/")):
             raise SystemExit(f"error: --device-loop needs a JAX-native env: bsuite/<id> of "
-                             f"{', '.join(jenvs.experiments())}, or mjx/<domain>-<task> (DMC on MJX); "
-                             f"{config.run.env!r} has no JAX-native version: drop --device-loop to use the host loop")
+                             f"{', '.join(jenvs.experiments())}, or mjx/<domain>-<task> (DMC on MJX; mjx-vision/ for "
+                             f"images); {config.run.env!r} has no JAX-native version: drop --device-loop to use the host loop")
         try:
             env, env_params = jenvs.make(config.run.env)
         except (ValueError, ModuleNotFoundError) as e:

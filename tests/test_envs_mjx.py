@@ -114,6 +114,49 @@ def test_device_loop_trains_on_mjx_and_resumes_exactly(tmp_path):
     assert rewards.max() > 1.0  # real cartpole rewards (two control steps of up to 1)
 
 
+def test_vision_draws_camera_0_of_each_world_in_one_batched_call():
+    env, params = jenvs.make("mjx-vision/cartpole-swingup")
+    assert env.vision and env.impl == "warp" and env.observation_shape == (64, 64, 3)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    _, one = jax.jit(env.reset)(params, keys[0])
+    states, first = jax.jit(jax.vmap(env.reset, in_axes=(None, 0)))(params, keys)
+    assert one.obs.shape == (64, 64, 3) and one.obs.dtype == jnp.uint8 and first.obs.shape == (3, 64, 64, 3)
+    np.testing.assert_array_equal(one.obs, first.obs[0])  # alone or as world 0 of 3: the same image
+    step = jax.jit(jax.vmap(env.step, in_axes=(None, 0, 0, 0)))
+    frames = [first.obs]
+    for _ in range(20):  # push the cart right in world 0, left in the others
+        states, timestep = step(params, states, jnp.array([[1.0], [-1.0], [-1.0]]), keys)
+        frames.append(timestep.obs)
+    frames = np.asarray(frames, np.int32)  # [T, worlds, H, W, 3]
+    assert 0 < frames.mean() < 255 and frames.std() > 20  # a scene, not a blank frame
+    moved = np.abs(frames[-1] - frames[0]).mean(axis=(1, 2, 3))
+    assert np.all(moved > 1.0), moved  # the cart and pole move in every world's images
+    assert np.abs(frames[-1, 0] - frames[-1, 1]).mean() > 1.0  # pushed apart, drawn apart
+
+    # the image follows the cart: its orange pixels' mean column (31.5 at the start, the middle) moves
+    # right in world 0 and left in world 1
+    def cart_column(image):
+        orange = image[..., 0] - image[..., 2] > 50  # the floor is grey, the sky black
+        return np.nonzero(orange)[1].mean()
+
+    assert abs(cart_column(frames[0, 0]) - 31.5) < 2
+    assert cart_column(frames[-1, 0]) > 36 and cart_column(frames[-1, 1]) < 27
+
+
+def test_device_loop_trains_on_mjx_images_and_resumes_exactly(tmp_path):
+    env, params = mjx_envs.MjxSuite("cartpole-swingup", impl="warp", vision=True, image_size=16), ()  # small: fast
+    common = {"train_ratio": 8.0, "checkpoint_every": 32, "num_envs": 2, "final_eval_episodes": 0}
+    a = loop.run_on_device(debug_config(tmp_path / "a", steps=96, **common), env, params, chunk_env_steps=32)
+    loop.run_on_device(debug_config(tmp_path / "b", steps=64, **common), env, params, chunk_env_steps=32)
+    b = loop.run_on_device(debug_config(tmp_path / "b", steps=96, **common), env, params, chunk_env_steps=32)
+    assert a["updates"] == b["updates"] > 0
+    for x, y in zip(jax.tree.leaves((a["state"], a["replay"])), jax.tree.leaves((b["state"], b["replay"]))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    images = np.asarray(a["replay"].data["image"])[:, :48]  # [envs, stored steps, 16, 16, 3]
+    assert images.dtype == np.uint8 and images.std() > 20
+    assert np.abs(np.diff(images.astype(np.int32), axis=1)).mean() > 0.1  # the stored frames change
+
+
 def test_host_loop_runs_the_same_task_through_gymnasium(tmp_path):
     from gymnasium.utils.env_checker import check_env
 
@@ -138,11 +181,13 @@ def test_bad_names_and_a_missing_extra_are_clear_errors(monkeypatch, capsys):
         jenvs.make("mjx/walker-jump")
     with pytest.raises(ValueError, match="unknown MJX implementation 'cuda'"):
         mjx_envs.MjxSuite("cartpole-balance", impl="cuda")
-    with pytest.raises(SystemExit, match="mjx/<domain>-<task>"):
+    with pytest.raises(SystemExit, match="use mjx/walker-walk "):
         train_cli.main(["--env", "dmc/walker-walk", "--device-loop", "--run.steps", "8"])
-    with pytest.raises(SystemExit, match="no image envs: .*Use mjx/walker-walk .*dmc-vision/walker-walk images in "
-                                         "the host loop"):
+    with pytest.raises(SystemExit, match="dmc-vision/ is dm_control's, stepped on the host: use "
+                                         "mjx-vision/walker-walk .* or drop --device-loop"):
         train_cli.main(["--env", "dmc-vision/walker-walk", "--device-loop", "--run.steps", "8"])
+    with pytest.raises(ValueError, match="vision needs impl='warp'"):
+        mjx_envs.MjxSuite("cartpole-balance", vision=True)
     import importlib.util
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mujoco_playground"

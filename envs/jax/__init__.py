@@ -49,7 +49,8 @@ A batch of rollouts across episodes in one compiled program::
     timesteps = jax.jit(jax.vmap(rollout))(keys, actions)    # [B, T, ...]
 
 The DeepMind Control Suite on MJX (MuJoCo Playground's ports, the ``mjx`` extra) has the same API
-with continuous actions: ``make("mjx/cartpole-swingup")`` (`envs.jax.mjx`).
+with continuous actions: ``make("mjx/cartpole-swingup")`` (`envs.jax.mjx`), and with images:
+``make("mjx-vision/cartpole-swingup")``.
 
 This package imports nothing from ``worldmodels``.
 """
@@ -112,7 +113,8 @@ def make(bsuite_id: str) -> tuple[JaxEnv, Any]:
     - `bsuite_id`: a key of ``bsuite.sweep.SETTINGS`` of a supported experiment, e.g.
       ``"memory_len/3"``, optionally prefixed ``"bsuite/"`` (the `envs.make` name); or
       ``"mjx/<domain>-<task>"`` (`envs.jax.mjx`, e.g. ``"mjx/walker-walk"``: continuous actions,
-      `action_size` instead of `num_actions`).
+      `action_size` instead of `num_actions`), or ``"mjx-vision/<domain>-<task>"`` (the same with
+      uint8 64x64 images from MJX's batch renderer).
 
     **Returns:** `(env, params)`; the params come from ``bsuite.sweep.SETTINGS[bsuite_id]`` (an MJX
     task has none: ``()``).
@@ -120,7 +122,7 @@ def make(bsuite_id: str) -> tuple[JaxEnv, Any]:
     **Raises:** `ValueError` for an unknown id or an experiment without a JAX env;
     `ModuleNotFoundError` naming the ``mjx`` extra for an MJX task without MuJoCo Playground.
     """
-    if bsuite_id.startswith("mjx/"):
+    if bsuite_id.startswith(("mjx/", "mjx-vision/")):
         from envs.jax.mjx import make_mjx
 
         return make_mjx(bsuite_id)

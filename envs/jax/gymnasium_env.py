@@ -19,7 +19,8 @@ class JaxEnvToGymnasium(gymnasium.Env):
     `num_actions` for discrete actions or `action_size` for continuous ones in [-1, 1]), its
     `params`, and `seed` (the first reset's, when that reset is given none).
 
-    Spaces: a float32 `Box` of `observation_shape`; `Discrete(num_actions)` or a float32
+    Spaces: a float32 `Box` of `observation_shape` (a uint8 `Box(0, 255)` when the env's
+    `observation_dtype`, if it has one, is uint8: images, e.g. ``mjx-vision/``); `Discrete(num_actions)` or a float32
     `Box(-1, 1, (action_size,))`. Episodes end as the functional env says (`terminated`,
     `truncated`); reset after them, as with any gymnasium env. A seeded `reset` draws its PRNG key
     from the seed, so equal seeds give equal episodes. Every instance of an equal env shares one
@@ -30,7 +31,11 @@ class JaxEnvToGymnasium(gymnasium.Env):
 
     def __init__(self, env: Any, params: Any, seed: int | None = None):
         self.env, self.params = env, params
-        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, tuple(env.observation_shape), np.float32)
+        shape = tuple(env.observation_shape)
+        if np.dtype(getattr(env, "observation_dtype", np.float32)) == np.uint8:
+            self.observation_space = gymnasium.spaces.Box(0, 255, shape, np.uint8)
+        else:
+            self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, shape, np.float32)
         if hasattr(env, "num_actions"):
             self.action_space = gymnasium.spaces.Discrete(int(env.num_actions))
         else:
@@ -47,14 +52,14 @@ class JaxEnvToGymnasium(gymnasium.Env):
         if seed is not None or self._key is None:
             self._key = jax.random.PRNGKey(int(self.np_random.integers(2**31)))
         self._key, self._state, timestep = _reset(self.env, self.params, self._key)
-        return np.asarray(timestep.obs, np.float32), {}
+        return np.asarray(timestep.obs, self.observation_space.dtype), {}
 
     def step(self, action: Any):
         if self._state is None:
             raise RuntimeError("step before reset: call reset() first")
         self._key, self._state, timestep = _step(self.env, self.params, self._state,
                                                      jnp.asarray(action, self._action_dtype), self._key)
-        return (np.asarray(timestep.obs, np.float32), float(timestep.reward), bool(timestep.terminated),
+        return (np.asarray(timestep.obs, self.observation_space.dtype), float(timestep.reward), bool(timestep.terminated),
                 bool(timestep.truncated), {})
 
     def __getstate__(self) -> dict[str, Any]:
