@@ -4,6 +4,7 @@ loop on it (training, exact resume, one trace), and the host loop through the gy
 import json
 import pickle
 
+import gymnasium
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,6 +143,12 @@ def test_vision_draws_camera_0_of_each_world_in_one_batched_call():
     assert abs(cart_column(frames[0, 0]) - 31.5) < 2
     assert cart_column(frames[-1, 0]) > 36 and cart_column(frames[-1, 1]) < 27
 
+    host = envs.make("mjx-vision/cartpole-swingup", seed=3)  # the host loop's view: a gymnasium env
+    assert host.observation_space == gymnasium.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+    obs, _ = host.reset()
+    assert obs.dtype == np.uint8 and host.observation_space.contains(obs) and obs.std() > 20
+    assert host.step(np.array([1.0], np.float32))[0].dtype == np.uint8
+
 
 def test_device_loop_trains_on_mjx_images_and_resumes_exactly(tmp_path):
     env, params = mjx_envs.MjxSuite("cartpole-swingup", impl="warp", vision=True, image_size=16), ()  # small: fast
@@ -188,6 +195,13 @@ def test_bad_names_and_a_missing_extra_are_clear_errors(monkeypatch, capsys):
         train_cli.main(["--env", "dmc-vision/walker-walk", "--device-loop", "--run.steps", "8"])
     with pytest.raises(ValueError, match="vision needs impl='warp'"):
         mjx_envs.MjxSuite("cartpole-balance", vision=True)
+    # MuJoCo Warp's FFI calls cannot be partitioned over devices (XLA refuses): one device, said clearly
+    from worldmodels import sharding
+    monkeypatch.setattr(sharding, "data_size", lambda mesh: 2)  # as if 2 devices
+    warp_env = mjx_envs.MjxSuite("cartpole-balance", impl="warp")
+    assert mjx_envs.MjxSuite("cartpole-balance").partitionable and not warp_env.partitionable
+    with pytest.raises(ValueError, match=r"cannot be split over the 2 devices .*--run.mesh data=1"):
+        dl.DeviceLoop(debug_config("unused", num_envs=2), warp_env, ())
     import importlib.util
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mujoco_playground"

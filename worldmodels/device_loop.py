@@ -3,7 +3,8 @@
 For JAX-native environments (a static env object with `observation_shape`, `num_actions` for discrete
 actions or `action_size` for continuous ones in [-1, 1],
 `reset(params, key) -> (state, timestep)` and `step(params, state, action, key) -> (state, timestep)`,
-the timestep having `obs`, `reward`, `terminated`, `truncated`, `first`; e.g. `envs.jax`). This module
+the timestep having `obs`, `reward`, `terminated`, `truncated`, `first`; e.g. `envs.jax`; an env whose
+`partitionable` is False runs on one device only). This module
 imports nothing from `envs/`: the env is duck-typed, and episodes are reset here the way gymnasium's
 NEXT_STEP autoreset does (an already auto-resetting env works too).
 
@@ -198,6 +199,10 @@ class DeviceLoop:
         self.mesh = mesh if sharding.data_size(mesh) > 1 else None
         if self.mesh is not None:  # each device steps and stores its own envs
             sharding.check_batch("--run.num-envs", n, mesh)
+            if not getattr(env, "partitionable", True):
+                raise ValueError(f"{env!r} cannot be split over the {sharding.data_size(mesh)} devices of --run.mesh "
+                                 f"{rc.mesh!r} (its steps are calls that XLA cannot partition, e.g. MuJoCo Warp's "
+                                 "physics and renderer): run it on one device (--run.mesh data=1)")
         self._program_key = self._make_program_key()
         # with a mesh, `place` jits it again with the carry's shardings
         self.chunk = self._shared("chunk", lambda: jax.jit(

@@ -173,6 +173,12 @@ class MjxSuite:
         return jnp.uint8 if self.vision else jnp.float32
 
     @property
+    def partitionable(self) -> bool:
+        """Whether XLA can split a batch of these envs over devices (GSPMD). MuJoCo Warp's physics and
+        renderer are FFI calls with side effects, which XLA's partitioner refuses."""
+        return self.impl == "jax"
+
+    @property
     def action_size(self) -> int:
         """Continuous actions in [-1, 1] of this size (there is no `num_actions`)."""
         return int(self.physics_env.action_size)
