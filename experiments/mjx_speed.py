@@ -5,8 +5,8 @@
     python -m experiments.mjx_speed --vision --tasks cartpole-swingup --envs 1 16 64 --train-envs 16
 
 Rows, per task (env steps are agent steps: action repeat 2, as everywhere here):
-- `mjx env`: the functional env alone, N envs vmapped with NEXT_STEP auto-reset, uniform random
-  actions, `lax.scan` over steps, jitted (compiling excluded);
+- `mjx env`: the functional env alone, N envs vmapped with NEXT_STEP auto-reset (the device loop's
+  `step_envs`), uniform random actions, `lax.scan` over steps, jitted (compiling excluded);
 - `mjx device loop`: `worldmodels.device_loop` with training on `--train-envs` envs (`--preset`, default dreamer-dmc-cpu:
   size1m, train ratio 64), the rate after the first chunk (which compiles; training starts at once);
 - `dmc host env`: dm_control's env (`envs.make('dmc/<task>')`) stepped in Python, random actions;
@@ -44,21 +44,21 @@ from worldmodels.config import make_config  # noqa: E402
 def mjx_env_rate(task: str, num_envs: int, seconds: float = 5.0, family: str = "mjx") -> tuple[float, float]:
     """(steady env steps/s, compile seconds) of `num_envs` MJX envs stepped in one jitted scan."""
     env, params = jenvs.make(f"{family}/{task}")
-    auto = jenvs.AutoReset(env)
-    length = max(10, 4096 // num_envs)
+    length = max(4, (256 if env.vision else 4096) // num_envs)  # env steps per jitted call, per env
 
     @jax.jit
-    def run(state, key):
-        def body(state, key):
+    def run(carry, key):
+        def body(carry, key):
+            state, done = carry
             k_action, k_step = jax.random.split(key)
             actions = jax.random.uniform(k_action, (num_envs, env.action_size), minval=-1, maxval=1)
-            state, timestep = jax.vmap(auto.step, in_axes=(None, 0, 0, 0))(
-                params, state, actions, jax.random.split(k_step, num_envs))
-            return state, timestep.reward.sum()
-        return jax.lax.scan(body, state, jax.random.split(key, length))
+            state, done, timestep = device_loop.step_envs(env, params, state, done, actions, k_step)
+            return (state, done), timestep.reward.sum()
+        return jax.lax.scan(body, carry, jax.random.split(key, length))
 
-    state, _ = jax.jit(jax.vmap(auto.reset, in_axes=(None, 0)))(params, jax.random.split(jax.random.PRNGKey(0),
-                                                                                         num_envs))
+    state, _ = jax.jit(jax.vmap(env.reset, in_axes=(None, 0)))(params, jax.random.split(jax.random.PRNGKey(0),
+                                                                                        num_envs))
+    state = (state, jnp.zeros(num_envs, bool))
     start = time.time()
     state, rewards = jax.block_until_ready(run(state, jax.random.PRNGKey(1)))
     compile_s, steps, start = time.time() - start, 0, time.time()

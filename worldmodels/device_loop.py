@@ -239,27 +239,6 @@ class DeviceLoop:
     def _env_reset(self, params: Any, key: PRNGKeyArray) -> tuple[Any, Any]:
         return self.env.reset(params, key)
 
-    def _step_envs(self, params: Any, state: Any, done: Bool[Array, " n"], action: Int[Array, " n"] | Float[Array, "n a"],
-                   key: PRNGKeyArray) -> tuple[Any, Bool[Array, " n"], Any]:
-        """All N envs one step, with NEXT_STEP autoreset: after an episode's last step, the env's next step
-        is a reset (its action is ignored). The resets are computed only when some env needs one, then
-        selected per env: an MJX env's reset is a physics forward (and with images, a render)."""
-        keys = jax.vmap(jax.random.split)(jax.random.split(key, self.num_envs))  # [n, 2]: step, reset
-        stepped = jax.vmap(self.env.step, in_axes=(None, 0, 0, 0))(params, state, action, keys[:, 0])
-
-        def reset(stepped):
-            fresh = jax.vmap(self.env.reset, in_axes=(None, 0))(params, keys[:, 1])
-            return jax.tree.map(lambda f, s: jnp.asarray(f, s.dtype), fresh, stepped)
-
-        fresh = jax.lax.cond(jnp.any(done), reset, lambda stepped: stepped, stepped)
-        def select(fresh, stepped):  # leaves without an env axis (MuJoCo Warp's shared buffers) are the step's
-            if jnp.ndim(stepped) == 0 or stepped.shape[0] != self.num_envs:
-                return stepped
-            return jnp.where(done.reshape(-1, *(1,) * (stepped.ndim - 1)), fresh, stepped)
-
-        state, timestep = jax.tree.map(select, fresh, stepped)
-        return state, jnp.asarray(timestep.terminated | timestep.truncated, bool), timestep
-
     def _env_action(self, action: Float[Array, "n a"]) -> Array:
         """The policy's actions as the env takes them: an index for one-hot discrete actions, else the
         vector in [-1, 1]."""
@@ -358,7 +337,8 @@ class DeviceLoop:
         action, policy_carry = _policy(c.agent, c.policy_carry, obs, k_act)
         latent = _replay_latent(c.agent, policy_carry) if self.config.run.replay_context else {}
         replay = replay_add(c.replay, {**c.pending, **latent})
-        env_state, done, timestep = self._step_envs(env_params, c.env_state, c.done, self._env_action(action), k_env)
+        env_state, done, timestep = step_envs(self.env, env_params, c.env_state, c.done, self._env_action(action),
+                                               k_env)
         pending = self._to_step(timestep, action)
         first = pending["is_first"]
         episode_return = jnp.where(first, 0.0, c.episode_return + pending["reward"])
@@ -409,6 +389,35 @@ class DeviceLoop:
         carry, (is_last, ret, length, metrics, trained) = jax.lax.scan(block, carry, None, length=s.blocks)
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # [U, S, N] -> [U*S, N]
         return carry, ChunkOutputs(flat(is_last), flat(ret), flat(length), metrics, trained)
+
+
+def step_envs(env: Any, params: Any, state: Any, done: Bool[Array, " n"], action: Int[Array, " n"] | Float[Array, "n a"],
+              key: PRNGKeyArray) -> tuple[Any, Bool[Array, " n"], Any]:
+    """N envs one step (`state`: a batch of `env`'s states, leading axis N), with NEXT_STEP autoreset:
+    after an episode's last step (`done`), the env's next step is a reset (its action is ignored).
+    Returns (states, done, timesteps). This is the device loop's vector step.
+
+    The resets are computed only when some env needs one, then selected per env: an MJX env's reset is
+    a physics forward (and with images, a render). Leaves without an env axis (MuJoCo Warp's buffers
+    shared by all worlds) are the step's. (`envs.jax.AutoReset` under `vmap` selects every leaf inside
+    the vmap: with MuJoCo Warp physics that leaks a tracer out of its FFI calls; this does not.)
+    """
+    n = done.shape[0]
+    keys = jax.vmap(jax.random.split)(jax.random.split(key, n))  # [n, 2]: step, reset
+    stepped = jax.vmap(env.step, in_axes=(None, 0, 0, 0))(params, state, action, keys[:, 0])
+
+    def reset(stepped):
+        fresh = jax.vmap(env.reset, in_axes=(None, 0))(params, keys[:, 1])
+        return jax.tree.map(lambda f, s: jnp.asarray(f, s.dtype), fresh, stepped)
+
+    def select(fresh, stepped):
+        if jnp.ndim(stepped) == 0 or stepped.shape[0] != n:
+            return stepped
+        return jnp.where(done.reshape(-1, *(1,) * (stepped.ndim - 1)), fresh, stepped)
+
+    fresh = jax.lax.cond(jnp.any(done), reset, lambda stepped: stepped, stepped)
+    state, timestep = jax.tree.map(select, fresh, stepped)
+    return state, jnp.asarray(timestep.terminated | timestep.truncated, bool), timestep
 
 
 def fresh_buffers(tree: Any) -> Any:

@@ -80,7 +80,9 @@ class AutoReset:
     env's `reset(params, key)` (with `first` True), so the last observation of every episode is
     returned as its own step, which a world model needs, and a `lax.scan` over steps never has to
     branch in Python. Both branches are computed and selected with `jnp.where`, which keeps the step
-    cheap under vmap for these small envs.
+    cheap under vmap for these small envs. (Not for MuJoCo Warp physics, ``mjx-vision/`` or
+    ``impl="warp"``: under vmap the per-leaf select leaks a tracer out of Warp's FFI calls; the device
+    loop's `worldmodels.device_loop.step_envs` resets a batch of those.)
     """
 
     env: JaxEnv
