@@ -159,6 +159,8 @@ def test_device_loop_trains_on_mjx_images_and_resumes_exactly(tmp_path):
     assert a["updates"] == b["updates"] > 0
     for x, y in zip(jax.tree.leaves((a["state"], a["replay"])), jax.tree.leaves((b["state"], b["replay"]))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chunk = next(f for (name, _), f in reversed(dl._PROGRAMS.items()) if name == "chunk")
+    assert chunk._cache_size() == 1  # the resumed run's restored (committed) carry reused the fresh run's compile
     images = np.asarray(a["replay"].data["image"])[:, :48]  # [envs, stored steps, 16, 16, 3]
     assert images.dtype == np.uint8 and images.std() > 20
     assert np.abs(np.diff(images.astype(np.int32), axis=1)).mean() > 0.1  # the stored frames change
