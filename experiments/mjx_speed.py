@@ -2,7 +2,7 @@
 
     python -m experiments.mjx_speed                                   # cartpole-swingup, walker-walk
     python -m experiments.mjx_speed --tasks walker-walk --envs 1 64 --no-train
-    python -m experiments.mjx_speed --vision --tasks cartpole-swingup --envs 1 16 64 --train-envs 16
+    python -m experiments.mjx_speed --vision --tasks cartpole-swingup --envs 1 16 64 --no-train
 
 Rows, per task (env steps are agent steps: action repeat 2, as everywhere here):
 - `mjx env`: the functional env alone, N envs vmapped with NEXT_STEP auto-reset (the device loop's
