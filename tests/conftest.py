@@ -1,7 +1,9 @@
 """Shared test set-up."""
 
+import atexit
 import gc
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,3 +42,14 @@ def _release_compiled_programs():
 # The signing key for the run dirs the tests write (worldmodels.signing): a temporary one, not the
 # user's; set at import so that the tests' subprocesses use it too.
 os.environ.setdefault("WORLDMODELS_SIGNING_KEY", str(Path(tempfile.mkdtemp(prefix="wm-test-key-")) / "signing_key"))
+
+# One persistent compile cache per pytest worker (JAX writes its entries in place, so workers do not
+# share one), not the user's: a module that compiles a program another module on this worker compiled
+# before (the debug agent on catch, say) loads it instead of compiling it again after
+# `_release_compiled_programs`; the worker's `experiments.train` subprocesses and notebook kernels use
+# it too (one at a time: the worker waits for them).
+COMPILE_CACHE = tempfile.mkdtemp(prefix="wm-test-xla-")
+atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+os.environ["WORLDMODELS_COMPILE_CACHE"] = COMPILE_CACHE

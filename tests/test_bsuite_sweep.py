@@ -74,9 +74,8 @@ def test_score_a_sweep_directory(tmp_path):
     assert (tmp_path / "success-memory_len.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
+def test_tiny_sweep_end_to_end(tmp_path):
     """Two memory_len ids through experiments.train's config and the real loop (debug preset)."""
-    monkeypatch.setenv("WORLDMODELS_COMPILE_CACHE", "")
     out = tmp_path / "sweep"
     argv = ["--experiment", "memory_len", "--ids", "0", "1", "--preset", "debug", "--episodes", "40",
             "--out", str(out), "--label", "tiny", "--run.train-start", "32", "--run.train-ratio", "8", "--no-plot"]

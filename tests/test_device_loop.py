@@ -197,8 +197,7 @@ def test_evaluate_runs_each_episode_once_to_its_end():
     assert lengths.tolist() == [3, 3] and returns.tolist() == [0.0, 0.0]  # cut off before the reward
 
 
-def test_cli_device_loop(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLDMODELS_COMPILE_CACHE", "")  # main() would turn on the on-disk cache for the session
+def test_cli_device_loop(tmp_path):
     summary = train_cli.main(["--env", "bsuite/memory_len/0", "--preset", "debug", "--device-loop",
                               "--run.logdir", str(tmp_path), "--run.steps", "40", "--run.train-ratio", "0"])
     assert summary["env_steps"] >= 40 and summary["episodes"] >= 10  # memory_len/0: 2-step episodes

@@ -22,6 +22,7 @@ def execute_quick(name: str, cwd: Path, monkeypatch, timeout: int = 900):
     assert "QUICK = False" in params.source, f"{name}: its parameters cell must set QUICK = False"
     params.source = params.source.replace("QUICK = False", "QUICK = True")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ["WORLDMODELS_COMPILE_CACHE"])  # this worker's
     start = time.time()
     nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}}).execute()

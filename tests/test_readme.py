@@ -113,8 +113,8 @@ def check(command: Command, cwd: Path, cache: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("compile_cache")
+def compile_cache() -> Path:
+    return Path(os.environ["WORLDMODELS_COMPILE_CACHE"])  # this worker's (tests/conftest.py)
 
 
 def test_the_readme_has_its_commands():
