@@ -46,6 +46,9 @@ ROWS = {
     "memory_len10-dreamer": Row(("--preset", "dreamer-bsuite-cpu", "--env", "bsuite/memory_len/9",
                                  "--run.steps", "25000"), 0.8,
                                 "bsuite memory_len/9 (memory length 10), DreamerV3 CPU preset, 25k env steps"),
+    "mjx_cartpole_swingup": Row(("--preset", "dreamer-dmc-cpu", "--env", "mjx/cartpole-swingup", "--device-loop",
+                                 "--run.num-envs", "4", "--run.steps", "20000", "--run.eval-every", "5000"), 150.0,
+                                "mjx/cartpole-swingup in the device loop, DreamerV3 DMC CPU preset, 4 envs, 20k env steps"),
     "pendulum": Row(("--preset", "size1m", "--env", "gym:Pendulum-v1", "--run.steps", "30000"), -400.0,
                     "gym Pendulum-v1, size1m, 30k env steps"),
 }
