@@ -92,8 +92,10 @@ def summarise(logdir: Path, threshold: float) -> dict:
         inside = [r["return"] for r in train if lo < r["env_step"] <= hi]
         tenths.append(float(np.mean(inside)) if inside else float("nan"))
     recent, reached = RecentReturns(recent_window(steps)), None
-    for r in train:
+    for i, r in enumerate(train):
         recent.add(r["env_step"], r["return"])
+        if i + 1 < len(train) and train[i + 1]["env_step"] == r["env_step"]:
+            continue  # episodes that end at one env step (one per env) count together
         # only after the run's first tenth: before it, a few lucky episodes would count
         if reached is None and r["env_step"] >= steps / 10 and recent.mean() >= threshold:
             reached = r["env_step"]

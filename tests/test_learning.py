@@ -36,6 +36,14 @@ def test_summarise_a_run(tmp_path):
     assert "| row | 1 | 0.96 [0.96, 0.96] | 0.97 [0.97, 0.97] | 1/1 | 1.00 [1.00, 1.00] |" in learning.table({"row": [small]})
 
 
+def test_episodes_that_end_at_one_step_reach_the_threshold_together(tmp_path):
+    train = lambda step, ret: {"env_step": step, "mode": "train", "return": ret, "length": 1}
+    # 4 envs end episodes at step 2,000 (the first tenth's end): 170 alone would pass 150, all 4 average 85
+    _write(tmp_path, 20_000, [train(2000, r) for r in (170.0, 60.0, 50.0, 60.0)] +
+           [train(4000, r) for r in (300.0, 280.0, 290.0, 310.0)], [1.0])
+    assert learning.summarise(tmp_path, threshold=150.0)["steps_to_threshold"] == 4000
+
+
 def test_smoke_run_is_resumable(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLDMODELS_SMOKE_STEPS", "160")
     results = learning.main(["--rows", "default", "--seeds", "0", "--root", str(tmp_path)])
