@@ -18,6 +18,7 @@ to an hour on a 2-core CPU. `WORLDMODELS_SMOKE_STEPS` (see `experiments.train`) 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -92,13 +93,13 @@ def summarise(logdir: Path, threshold: float) -> dict:
         inside = [r["return"] for r in train if lo < r["env_step"] <= hi]
         tenths.append(float(np.mean(inside)) if inside else float("nan"))
     recent, reached = RecentReturns(recent_window(steps)), None
-    for i, r in enumerate(train):
-        recent.add(r["env_step"], r["return"])
-        if i + 1 < len(train) and train[i + 1]["env_step"] == r["env_step"]:
-            continue  # episodes that end at one env step (one per env) count together
+    # episodes that end at one env step (one per env) count together
+    for step, ended in itertools.groupby(train, key=lambda r: r["env_step"]):
+        for r in ended:
+            recent.add(step, r["return"])
         # only after the run's first tenth: before it, a few lucky episodes would count
-        if reached is None and r["env_step"] >= steps / 10 and recent.mean() >= threshold:
-            reached = r["env_step"]
+        if reached is None and step >= steps / 10 and recent.mean() >= threshold:
+            reached = step
     last_step = max((r["env_step"] for r in scores), default=0)
     final_eval = [r["return"] for r in scores if r["mode"] == "eval" and r["env_step"] == last_step]
     calls = read_jsonl(logdir / "calls.jsonl")

@@ -4,9 +4,9 @@ The commands are read from the README's fenced ``bash`` blocks (one command a li
 ``python`` blocks (each run as a script). Training runs are shortened through one mechanism that
 the CLI documents: ``WORLDMODELS_SMOKE_STEPS`` (see `experiments.train.apply_smoke_steps`). Each
 command runs in its own empty working directory, so relative run directories (``runs/default``) are
-its own; the commands that run on one pytest worker share one compile cache. What is not run is
-said by the test, never skipped silently: ``pip install`` steps (CI installs before it runs the
-tests), the test command itself, and README lines marked with `NOT_RUN_MARK` and a reason (e.g. a
+its own; the commands that run on one pytest worker share its compile cache (tests/conftest.py).
+What is not run is said by the test, never skipped silently: ``pip install`` steps (CI installs
+before it runs the tests), the test command itself, and README lines marked with `NOT_RUN_MARK` and a reason (e.g. a
 GPU-only command).
 """
 
@@ -77,7 +77,7 @@ def _id(command: Command) -> str:
     return first if command.language == "bash" else f"python snippet: {first}"
 
 
-def run_command(command: Command, cwd: Path, cache: Path) -> tuple[int, str]:
+def run_command(command: Command, cwd: Path) -> tuple[int, str]:
     """Run one command in a fresh process in `cwd`: (exit code, its output)."""
     # `python` in a command is the interpreter that runs these tests (its environment has the package)
     bin_dir = cwd / ".bin"
@@ -85,7 +85,7 @@ def run_command(command: Command, cwd: Path, cache: Path) -> tuple[int, str]:
     for name in ("python", "python3"):  # a script, not a link: a venv's python finds its venv by its own path
         (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "WORLDMODELS_SMOKE_STEPS": SMOKE_STEPS, "WORLDMODELS_COMPILE_CACHE": str(cache),
+    env = {**os.environ, "WORLDMODELS_SMOKE_STEPS": SMOKE_STEPS,
            "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "TF_CPP_MIN_LOG_LEVEL": "1", "PYTHONUNBUFFERED": "1"}
@@ -103,18 +103,13 @@ def run_command(command: Command, cwd: Path, cache: Path) -> tuple[int, str]:
     return done.returncode, done.stdout
 
 
-def check(command: Command, cwd: Path, cache: Path) -> None:
+def check(command: Command, cwd: Path) -> None:
     """Fail naming the command and its last output line unless it exits 0."""
-    code, output = run_command(command, cwd, cache)
+    code, output = run_command(command, cwd)
     if code != 0:
         lines = [line for line in output.splitlines() if line.strip()]
         pytest.fail(f"README command failed (exit {code}): {_id(command)}\n"
                     f"last output line: {lines[-1] if lines else '(none)'}", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def compile_cache() -> Path:
-    return Path(os.environ["WORLDMODELS_COMPILE_CACHE"])  # this worker's (tests/conftest.py)
 
 
 def test_the_readme_has_its_commands():
@@ -128,21 +123,21 @@ def test_the_readme_has_its_commands():
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=_id)
-def test_readme_command(command: Command, tmp_path: Path, compile_cache: Path):
+def test_readme_command(command: Command, tmp_path: Path):
     if command.not_run:
         pytest.skip(f"not run: {command.not_run}")
-    check(command, tmp_path, compile_cache)
+    check(command, tmp_path)
 
 
-def test_a_broken_command_fails_naming_it_and_its_last_line(tmp_path: Path, compile_cache: Path):
+def test_a_broken_command_fails_naming_it_and_its_last_line(tmp_path: Path):
     # memory length 30 as if it were the id: refused before the config is printed, in one line
     broken = _bash_command("python -m experiments.train --env bsuite/memory_len/30")
-    code, output = run_command(broken, tmp_path, compile_cache)
+    code, output = run_command(broken, tmp_path)
     assert code == 1
     assert output.strip().splitlines() == [output.strip()], output  # one line: no config, no traceback
     assert output.strip().endswith("memory_length 30 is 'bsuite/memory_len/15'")
     with pytest.raises(pytest.fail.Exception) as failure:
-        check(broken, tmp_path, compile_cache)
+        check(broken, tmp_path)
     assert "experiments.train --env bsuite/memory_len/30" in str(failure.value)
     assert "'bsuite/memory_len/15'" in str(failure.value)
 
