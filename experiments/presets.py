@@ -124,6 +124,46 @@ R2I_PRESETS = {
 }
 RUN_PRESETS.update(R2I_PRESETS)
 
+
+def _ffm(**ffm) -> dict:
+    s = "agent.world_model.sequence.ffm."
+    return {"agent.world_model.sequence.model": "ffm", **{s + k: v for k, v in ffm.items()}}
+
+
+def _transformer(**transformer) -> dict:
+    # Replay does not keep the Transformer's state (its key/value window): no replay context.
+    s = "agent.world_model.sequence.transformer."
+    return {"agent.world_model.sequence.model": "transformer", "run.replay_context": False,
+            **{s + k: v for k, v in transformer.items()}}
+
+
+# The other two memory models at the bsuite CPU presets' size (parameters within 10% of both:
+# `python -m experiments.bench --params` prints the four counts) and the same training settings
+# (_MEMORY_CPU; 4 x 4 latents, 2 x 64 actor and critic). Not published settings.
+MEMORY_PRESETS = {
+    # FFM's own trace and context counts (m 32, c 4: 256 reals of memory); the actor reads (h, z).
+    "ffm-bsuite-cpu": {**_ffm(deter=128, width=64, memory=32, contexts=4, hidden=64, stoch=4, classes=4,
+                              policy_input="output"), **_actor_critic(2, 64), **_MEMORY_CPU},
+    # 2 pre-norm layers of width 64 (4 heads), attending over 32 steps of the 64 replayed.
+    "transformer-bsuite-cpu": {**_transformer(width=64, layers=2, heads=4, ffn=128, window=32, hidden=64, stoch=4,
+                                              classes=4), **_actor_critic(2, 64), **_MEMORY_CPU},
+    # FFM as the paper runs it on POPGym (m 32, c 4, a 128-unit input layer and 256-unit memory, actor
+    # and critic 2 x 128); the rest is DreamerV3's, as FFM was published with PPO, not a world model.
+    "ffm-popgym": {**_ffm(deter=256, width=128, memory=32, contexts=4, max_period=1024, hidden=256),
+                   **_actor_critic(2, 128)},
+    # STORM's Transformer (2 layers, width 512, 8 heads, feed-forward 1024, 64 steps, 32 x 32 latents,
+    # KL scales dyn 0.5 / rep 0.1) with this package's rotary episode positions instead of its learned
+    # absolute ones, pre-norm instead of post-norm, no dropout, and episodes masked.
+    "transformer-storm": {**_transformer(width=512, layers=2, heads=8, ffn=1024, window=64, hidden=512, stoch=32,
+                                         classes=32), "agent.world_model.dyn_scale": 0.5,
+                          "agent.world_model.rep_scale": 0.1, "run.batch_size": 16, "run.seq_len": 64},
+    # TWM's Transformer-XL sizes (10 layers, 4 heads x 64, feed-forward 1024, 16 steps of memory) with
+    # one token a step (TWM has three: z, a, r) and rotary positions (TWM: relative sinusoidal).
+    "transformer-twm": {**_transformer(width=256, layers=10, heads=4, ffn=1024, window=16, hidden=256, stoch=32,
+                                       classes=32), "agent.actor_critic.horizon": 15},
+}
+RUN_PRESETS.update(MEMORY_PRESETS)
+
 # DreamerV3 (2024) per-benchmark settings: the train ratio per domain (dreamerv3.md, "Data"), the
 # paper's env-step budgets; the model size is a separate preset (e.g. `--preset size12m dreamer-dmc`).
 DREAMER_PRESETS = {

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # first, before jax is imported (see experiments/hug
     reexec_with_huge_pages()
 
 import argparse
+import difflib
 import dataclasses
 import functools
 import math
@@ -35,6 +36,7 @@ import envs  # noqa: E402
 from envs.parallel import ParallelVectorEnv  # noqa: E402
 from experiments.presets import register as register_presets  # noqa: E402
 from worldmodels import loop, sharding  # noqa: E402
+from worldmodels.sequence import MODELS  # noqa: E402
 from worldmodels.device_loop import check_options as check_device_loop_options  # noqa: E402
 from worldmodels.config import PRESETS, Config, ConfigError, dumps, make_config, override, validate  # noqa: E402
 
@@ -50,20 +52,29 @@ def _parse(argv: list[str] | None = None) -> tuple[Config, bool]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", nargs="+", default=[])
     pre.add_argument("--env", default=None)
-    pre.add_argument("--model", default=None, choices=["rssm", "s3m"])
+    pre.add_argument("--model", default=None)
     pre.add_argument("--device-loop", action="store_true")
     known, rest = pre.parse_known_args(argv)
     unknown = [p for p in known.preset if p not in PRESETS]
     if unknown:
         raise SystemExit(f"error: unknown preset(s) {', '.join(map(repr, unknown))}; valid presets: "
                          f"{', '.join(sorted(PRESETS))}")
+    if known.model is not None and known.model not in MODELS:
+        close = difflib.get_close_matches(known.model, MODELS, n=1)
+        raise SystemExit(f"error: --model {known.model!r}: unknown sequence model"
+                         f"{f' (did you mean {close[0]!r}?)' if close else ''}; valid: {', '.join(MODELS)}")
     base = make_config(known.preset)
     if known.env is not None:
         base = override(base, "run.env", known.env)
     if known.model is not None:
         base = override(base, "agent.world_model.sequence.model", known.model)
+    if base.agent.world_model.sequence.model == "transformer" and base.run.replay_context:
+        # Its state is a whole key/value window: replay does not keep it (worldmodels.sequence.transformer).
+        base = override(base, "run.replay_context", False)
+        print("note: --model transformer: replay context off (--run.no-replay-context); each replayed window "
+              "starts from the initial state", file=sys.stderr)
     description = (f"{__doc__}\nPresets (--preset NAME [NAME ...]): {', '.join(sorted(PRESETS))}.\n"
-                   "--env NAME is short for --run.env NAME; --model rssm|s3m for "
+                   f"--env NAME is short for --run.env NAME; --model {'|'.join(MODELS)} for "
                    "--agent.world_model.sequence.model.\n--device-loop: run a JAX-native env (a bsuite twin "
                    "or mjx/<domain>-<task>, mjx-vision/ for images, envs.jax) in worldmodels.device_loop (env, policy, replay and training in one "
                    "compiled lax.scan chunk).\n\nbsuite ids are bsuite/<experiment>/<number>, the keys of "

@@ -46,6 +46,20 @@ CLI_CASES = [
     (["--agent.world-model.units", "0"], "--agent.world-model.units 0: must be >= 1"),
     (["--model", "s3m", "--agent.world-model.sequence.s3m.state-size", "0"],
      "--agent.world-model.sequence.s3m.state-size 0: must be >= 1"),
+    (["--model", "lstm"], "--model 'lstm': unknown sequence model; valid: rssm, s3m, ffm, transformer"),
+    (["--model", "transfomer"], "(did you mean 'transformer'?)"),
+    (["--model", "ffm", "--agent.world-model.sequence.ffm.contexts", "0"],
+     "--agent.world-model.sequence.ffm.contexts 0: must be >= 1"),
+    (["--model", "ffm", "--agent.world-model.sequence.ffm.memory", "0"],
+     "--agent.world-model.sequence.ffm.memory 0: must be >= 1"),
+    (["--model", "transformer", "--agent.world-model.sequence.transformer.window", "0"],
+     "--agent.world-model.sequence.transformer.window 0: must be >= 1"),
+    (["--model", "transformer", "--agent.world-model.sequence.transformer.window", "65"],
+     "--agent.world-model.sequence.transformer.window 65: larger than the replayed window it learns from "
+     "(--run.seq-len 64)"),
+    (["--model", "transformer", "--agent.world-model.sequence.transformer.heads", "3"],
+     "must split into --agent.world-model.sequence.transformer.heads 3 heads of even size"),
+    (["--model", "transformer", "--run.replay-context"], "--run.replay-context with --model transformer"),
     # a preset and an option that contradict: debug's 10k-step replay cannot hold a 20k-step window
     (["--preset", "debug", "--run.seq-len", "20000"], "--run.replay-capacity 10000: holds 10000 steps per env"),
     (["--env", "atari/Pong"], "--env: unknown environment family in 'atari/Pong'"),
@@ -82,7 +96,6 @@ TYPE_CASES = [
     (["--run.steps", "abc"], "--run.steps"),
     (["--agent.compute-dtype", "float16"], "--agent.compute-dtype"),
     (["--agent.optim.lr", "fast"], "--agent.optim.lr"),
-    (["--model", "lstm"], "--model"),
 ]
 
 

@@ -203,7 +203,14 @@ _AT_LEAST_ONE = ("run.num_envs", "run.steps", "run.batch_size", "run.seq_len", "
                  "agent.world_model.sequence.s3m.deter", "agent.world_model.sequence.s3m.width",
                  "agent.world_model.sequence.s3m.state_size", "agent.world_model.sequence.s3m.layers",
                  "agent.world_model.sequence.s3m.hidden", "agent.world_model.sequence.s3m.stoch",
-                 "agent.world_model.sequence.s3m.hippo_blocks", "agent.actor_critic.units",
+                 "agent.world_model.sequence.s3m.hippo_blocks", "agent.world_model.sequence.ffm.deter",
+                 "agent.world_model.sequence.ffm.width", "agent.world_model.sequence.ffm.memory",
+                 "agent.world_model.sequence.ffm.contexts", "agent.world_model.sequence.ffm.min_period",
+                 "agent.world_model.sequence.ffm.hidden", "agent.world_model.sequence.ffm.stoch",
+                 "agent.world_model.sequence.transformer.width", "agent.world_model.sequence.transformer.layers",
+                 "agent.world_model.sequence.transformer.heads", "agent.world_model.sequence.transformer.ffn",
+                 "agent.world_model.sequence.transformer.window", "agent.world_model.sequence.transformer.hidden",
+                 "agent.world_model.sequence.transformer.stoch", "agent.actor_critic.units",
                  "agent.actor_critic.horizon", "agent.actor_critic.bins")
 _AT_LEAST_ZERO = ("run.train_ratio", "run.train_start", "run.eval_every", "run.eval_episodes", "run.video_every",
                   "run.final_eval_episodes", "run.checkpoint_every", "run.max_skipped_updates", "agent.world_model.layers",
@@ -250,6 +257,19 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     return None
 
 
+def replay_context_bytes(config: Config) -> int:
+    """Bytes a step that replay context would store for the config's sequence model (its entry)."""
+    import jax  # noqa: PLC0415 (the config module stays light to import)
+    import numpy as np  # noqa: PLC0415
+
+    from worldmodels.sequence import make_sequence_model  # noqa: PLC0415
+
+    wm = config.agent.world_model
+    model = jax.eval_shape(lambda: make_sequence_model(wm.sequence, 1, 1, key=jax.random.PRNGKey(0)))
+    spec = type(model).entry_spec(model)
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in spec.values())
+
+
 def validate(config: Config) -> None:
     """Check every option before anything is built or compiled.
 
@@ -279,6 +299,7 @@ def validate(config: Config) -> None:
             raise bad(path, values[path], "> 0")
     for path in ("agent.actor_critic.lam", "agent.optim.beta1", "agent.optim.beta2",
                  "agent.world_model.sequence.rssm.unimix", "agent.world_model.sequence.s3m.unimix",
+                 "agent.world_model.sequence.ffm.unimix", "agent.world_model.sequence.transformer.unimix",
                  "agent.actor_critic.unimix", "agent.actor_critic.slow_rate"):
         if not 0 <= values[path] <= 1:
             raise bad(path, values[path], "in [0, 1]")
@@ -289,7 +310,8 @@ def validate(config: Config) -> None:
     if values["agent.actor_critic.discount_horizon"] <= 1:
         raise bad("agent.actor_critic.discount_horizon", values["agent.actor_critic.discount_horizon"],
                   "> 1 (gamma = 1 - 1 / discount_horizon)")
-    for path in ("agent.world_model.sequence.rssm.classes", "agent.world_model.sequence.s3m.classes"):
+    for path in ("agent.world_model.sequence.rssm.classes", "agent.world_model.sequence.s3m.classes",
+                 "agent.world_model.sequence.ffm.classes", "agent.world_model.sequence.transformer.classes"):
         if values[path] < 2:
             raise bad(path, values[path], ">= 2 (classes of each categorical latent)")
     for path in ("agent.world_model.bins", "agent.actor_critic.bins"):
@@ -300,6 +322,25 @@ def validate(config: Config) -> None:
         raise ConfigError(f"--agent.world-model.sequence.rssm.deter {rssm.deter}: must be a multiple of "
                           f"--agent.world-model.sequence.rssm.blocks {rssm.blocks} (the block GRU splits it), "
                           f"e.g. {rssm.blocks * max(1, round(rssm.deter / rssm.blocks))}")
+    ffm = config.agent.world_model.sequence.ffm
+    if ffm.max_period < ffm.min_period:
+        raise ConfigError(f"--agent.world-model.sequence.ffm.max-period {ffm.max_period}: must be >= "
+                          f"--agent.world-model.sequence.ffm.min-period {ffm.min_period} (the traces' decay "
+                          f"periods span [min, max]), e.g. {max(1024, ffm.min_period)}")
+    tf = config.agent.world_model.sequence.transformer
+    if tf.width % tf.heads or (tf.width // tf.heads) % 2:
+        raise ConfigError(f"--agent.world-model.sequence.transformer.width {tf.width}: must split into "
+                          f"--agent.world-model.sequence.transformer.heads {tf.heads} heads of even size "
+                          f"(rotary positions rotate pairs), e.g. {2 * tf.heads * max(1, round(tf.width / (2 * tf.heads)))}")
+    if config.agent.world_model.sequence.model == "transformer":
+        if tf.window > config.run.seq_len:
+            raise ConfigError(f"--agent.world-model.sequence.transformer.window {tf.window}: larger than the "
+                              f"replayed window it learns from (--run.seq-len {config.run.seq_len}); use at most "
+                              f"{config.run.seq_len}, or a longer --run.seq-len")
+        if config.run.replay_context:
+            raise ConfigError("--run.replay-context with --model transformer: replay would store each step's "
+                              f"key/value window ({replay_context_bytes(config)} bytes a step), which this model does "
+                              "not keep; use --run.no-replay-context (--model transformer sets it)")
     if not 0 <= config.agent.actor_critic.retnorm_low < config.agent.actor_critic.retnorm_high <= 100:
         raise ConfigError(f"--agent.actor-critic.retnorm-low {config.agent.actor_critic.retnorm_low!r} and "
                           f"--agent.actor-critic.retnorm-high {config.agent.actor_critic.retnorm_high!r}: must be "

@@ -173,24 +173,22 @@ class Transformer(SequenceModel):
         latent fields left from `state` (the caller samples them)."""
         w = self.config.window
         b = action.shape[0]
+        rows = jnp.arange(b)
         position = state.step + 1
         slot = position % w
-        write = jax.nn.one_hot(slot, w, dtype=jnp.bool_)  # [b, w]
-        slot_step = jnp.where(write, position[:, None], state.slot_step)
+        # One slot a row written in place (a scatter), not the whole ring rewritten.
+        slot_step = state.slot_step.at[rows, slot].set(position)
         allowed = (slot_step >= 0)[:, None]  # the ring holds only this episode's last W steps
         x = self._token(state.stoch, action)[:, None]
-        keys, values = [], []
+        keys, values = state.keys, state.values
         for i, block in enumerate(self.blocks):
             q, k, v = block.qkv_heads(x, position[:, None])
-            ring_k = jnp.where(write[..., None], k.reshape(b, 1, -1), state.keys[:, i])
-            ring_v = jnp.where(write[..., None], v.reshape(b, 1, -1), state.values[:, i])
-            split = lambda y: y.reshape(b, w, block.heads, -1)
-            x = block.finish(x, attend(q, split(ring_k), split(ring_v), allowed))
-            keys.append(ring_k)
-            values.append(ring_v)
+            keys = keys.at[rows, i, slot].set(k.reshape(b, -1))
+            values = values.at[rows, i, slot].set(v.reshape(b, -1))
+            split = lambda y: y[:, i].reshape(b, w, block.heads, -1)
+            x = block.finish(x, attend(q, split(keys), split(values), allowed))
         deter = self.out_norm(x[:, 0])
-        return TransformerState(deter, state.stoch, state.logits, jnp.stack(keys, 1), jnp.stack(values, 1),
-                                slot_step, position)
+        return TransformerState(deter, state.stoch, state.logits, keys, values, slot_step, position)
 
     def _windows(self, state: TransformerState, keys: Float[Array, "b t l d"], values: Float[Array, "b t l d"],
                  position: Int[Array, "b t"]) -> tuple[Array, Array, Array]:
