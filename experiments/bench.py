@@ -2,7 +2,8 @@
 
     python -m experiments.bench                      # the full table
     python -m experiments.bench --cases size1m       # one row
-    python -m experiments.bench --sweep              # RSSM vs S3M over sequence lengths 64, 256, 1024
+    python -m experiments.bench --sweep              # RSSM, S3M, FFM, Transformer over sequence lengths 64, 256, 1024
+    python -m experiments.bench --params             # parameter counts of the four bsuite CPU presets
     python -m experiments.bench --cases size1m --compile-cache /tmp/wm-cache   # twice: warm start-up
     python -m experiments.bench --cli                # the training CLI's time to its first update
     python -m experiments.bench --compute-dtype bfloat16   # the networks in bfloat16 (for GPUs and TPUs)
@@ -124,7 +125,7 @@ def bench_policy(state, spec, envs: int, repeats: int) -> tuple[float, float]:
     return compile_s, 1000 * float(np.median(times))
 
 
-# Sequence-length sweep: RSSM vs S3M at comparable width (deter 512, hidden/width 128), B x T = 4096.
+# Sequence-length sweep: the four sequence models at comparable width (deter 512, hidden/width 128), B x T = 4096.
 SWEEP_MODELS = {
     "rssm": {"agent.world_model.sequence.model": "rssm", "agent.world_model.sequence.rssm.deter": 512,
              "agent.world_model.sequence.rssm.hidden": 128, "agent.world_model.units": 128,
@@ -133,7 +134,36 @@ SWEEP_MODELS = {
             "agent.world_model.sequence.s3m.width": 128, "agent.world_model.sequence.s3m.state_size": 128,
             "agent.world_model.sequence.s3m.layers": 3, "agent.world_model.sequence.s3m.hidden": 128,
             "agent.world_model.units": 128, "agent.actor_critic.units": 128},
+    "ffm": {"agent.world_model.sequence.model": "ffm", "agent.world_model.sequence.ffm.deter": 512,
+            "agent.world_model.sequence.ffm.width": 128, "agent.world_model.sequence.ffm.memory": 32,
+            "agent.world_model.sequence.ffm.contexts": 4, "agent.world_model.sequence.ffm.hidden": 128,
+            "agent.world_model.units": 128, "agent.actor_critic.units": 128},
+    # Width 128 (its output h is 128 wide, not 512), 3 layers as the S3M's, a 64-step window at every T.
+    "transformer": {"agent.world_model.sequence.model": "transformer", "agent.world_model.sequence.transformer.width": 128,
+                    "agent.world_model.sequence.transformer.layers": 3, "agent.world_model.sequence.transformer.heads": 4,
+                    "agent.world_model.sequence.transformer.ffn": 256, "agent.world_model.sequence.transformer.window": 64,
+                    "agent.world_model.sequence.transformer.hidden": 128, "agent.world_model.units": 128,
+                    "agent.actor_critic.units": 128},
 }
+# The bsuite CPU presets of the four sequence models (their parameter counts within 10% of each other).
+MEMORY_PRESETS = ("dreamer-bsuite-cpu", "r2i-bsuite-cpu", "ffm-bsuite-cpu", "transformer-bsuite-cpu")
+
+
+def preset_params(presets=MEMORY_PRESETS, obs=((3,), "float32"), actions: int = 2) -> dict[str, dict[str, int]]:
+    """Parameter counts (agent, world model, sequence model) of each preset for bsuite memory_len's
+    spaces (3 numbers, 2 actions), from shapes alone."""
+    from experiments.presets import register
+
+    register()
+    out = {}
+    for name in presets:
+        config = make_config([name]).agent
+        state = jax.eval_shape(lambda key: agent_lib.init(config, {"vector": obs}, agent_lib.ActionSpec(actions, True),
+                                                          key), jax.random.PRNGKey(0))
+        count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+        out[name] = {"agent": count(state.params), "world_model": count(state.world_model),
+                     "sequence_model": count(state.world_model.dynamics)}
+    return out
 
 
 def bench_world_model(state, batch, repeats: int) -> tuple[float, float]:
@@ -157,13 +187,13 @@ def bench_world_model(state, batch, repeats: int) -> tuple[float, float]:
     return compile_s, 1000 * float(np.median(times))
 
 
-def sweep(lengths: list[int], total: int, repeats: int) -> None:
+def sweep(lengths: list[int], total: int, repeats: int, models=tuple(SWEEP_MODELS)) -> None:
     print(f"\nsequence-length sweep, B x T = {total}, vector observations (16), 6 actions")
-    print(f"{'model':<6}{'T':>6}{'B':>5}{'params':>11}{'compile s':>11}{'train ms':>10}{'wm compile s':>14}"
+    print(f"{'model':<12}{'T':>6}{'B':>5}{'params':>11}{'compile s':>11}{'train ms':>10}{'wm compile s':>14}"
           f"{'wm+grad ms':>12}")
     for t in lengths:
-        for name, overrides in SWEEP_MODELS.items():
-            config = make_config([], overrides).agent
+        for name in models:
+            config = make_config([], SWEEP_MODELS[name]).agent
             state = agent_lib.init(config, VECTOR, agent_lib.ActionSpec(6, True), jax.random.PRNGKey(0))
             batch = random_batch(VECTOR, 6, total // t, t)
             wm_compile, wm_ms = bench_world_model(state, batch, repeats)
@@ -177,7 +207,7 @@ def sweep(lengths: list[int], total: int, repeats: int) -> None:
                 state, metrics, _ = agent_lib.train(state, batch, jax.random.PRNGKey(i + 1))
                 jax.block_until_ready(metrics)
                 times.append(time.perf_counter() - start)
-            print(f"{name:<6}{t:>6}{total // t:>5}{agent_lib.count_params(state.params):>11,}{compile_s:>11.2f}"
+            print(f"{name:<12}{t:>6}{total // t:>5}{agent_lib.count_params(state.params):>11,}{compile_s:>11.2f}"
                   f"{1000 * np.median(times):>10.1f}{wm_compile:>14.2f}{wm_ms:>12.1f}", flush=True)
 
 
@@ -300,7 +330,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--sweep", action="store_true", help="only the RSSM vs S3M sequence-length sweep")
+    parser.add_argument("--sweep", action="store_true", help="only the sequence-length sweep of the four models")
+    parser.add_argument("--models", nargs="+", default=list(SWEEP_MODELS), choices=list(SWEEP_MODELS),
+                        help="the sweep's sequence models")
+    parser.add_argument("--params", action="store_true",
+                        help="only the parameter counts of the four bsuite CPU presets")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--total", type=int, default=4096, help="B x T of the sweep")
     parser.add_argument("--compile-cache", metavar="DIR", default=None,
@@ -316,6 +350,11 @@ def main() -> None:
                         help="only the train step on a mesh of N devices, for each N (a process each)")
     parser.add_argument("--on-mesh", type=int, default=None, help=argparse.SUPPRESS)  # one --devices process
     args = parser.parse_args()
+    if args.params:
+        print(f"{'preset':<24}{'agent':>10}{'world model':>13}{'sequence model':>16}")
+        for name, n in preset_params().items():
+            print(f"{name:<24}{n['agent']:>10,}{n['world_model']:>13,}{n['sequence_model']:>16,}")
+        return
     if args.devices:
         devices_table(args)
         return
@@ -341,7 +380,7 @@ def main() -> None:
         enable_compile_cache(args.compile_cache)
     if args.sweep:
         print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32; {huge_pages()}")
-        sweep(args.lengths, args.total, args.repeats)
+        sweep(args.lengths, args.total, args.repeats, args.models)
         print(f"peak RSS: {peak_rss_mib():.0f} MiB")
         return
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch} x {args.seq}; "
