@@ -15,13 +15,16 @@ each slot (-1: empty) and of step t. `obs_step` / `img_step` write one slot and 
 slots; no array grows, nothing retraces, and both paths agree with `observe` (tests check it).
 
 Imagination starts from every replayed step, as the other models' does: `observe` gathers each
-step's window from the sequence's keys and values (`[B, T, layers, W, width]` twice). At the
-`transformer-bsuite-cpu` setting (16 x 64, W 32, 2 layers, width 96) that is 25 MiB for both, small
-beside the rest of the update (see the README's sweep for the measured time).
+step's window from the sequence's keys and values (`[B, T, layers, W, width]` twice: 16 MiB at the
+`transformer-bsuite-cpu` setting, 16 x 64, W 32, 2 layers, width 64), and each imagined step reads
+its start's whole window. Measured on a 2-core CPU (README): the train step takes 313 ms there
+against 201-215 ms for the other three models at the same parameter count, and 2-2.5x theirs at
+B x T = 4096 (W 64, 3 layers of width 128: 805 MB of windows for the 4096 starts).
 
 Replay context (a stored latent each replayed window continues from) is not kept for this model:
-its state is the whole key/value window, 2 x layers x W x width floats a step (48 KiB at the CPU
-preset, 100x the S3M's entry), so `run.replay_context` must be off (`config.validate` says so).
+its state is the whole key/value window, 2 x layers x W x width floats a step (32 KiB at the CPU
+preset, 133 KiB at the default size, where the other models store 0.1-2 KiB), so
+`run.replay_context` must be off (`config.validate` says so; `--model transformer` sets it).
 """
 
 from __future__ import annotations
