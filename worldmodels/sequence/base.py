@@ -1,4 +1,5 @@
-"""The one interface every sequence model implements (RSSM, S3M).
+"""The one interface every sequence model implements (RSSM, S3M, FFM, Transformer), and the pieces
+the models with an embedding-only posterior share (S3M, FFM, Transformer).
 
 Nothing above `worldmodels/sequence/` branches on which model it holds: the world model, the
 imagination and the policy only call these methods.
@@ -18,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from worldmodels.dists import OneHotCategorical
+
 State = Any  # a PyTree of arrays with leading batch axes
 
 
@@ -29,6 +32,29 @@ def reset_where(state: State, initial: State, is_first: Bool[Array, " b"]) -> St
 def scale_action(action: Float[Array, "... a"]) -> Float[Array, "... a"]:
     """Actions divided by max(1, |a|) (no gradient through the scale), as the reference feeds them in."""
     return action / jax.lax.stop_gradient(jnp.maximum(1.0, jnp.abs(action)))
+
+
+def categorical_logits(x: Float[Array, "... n"], stoch: int, classes: int, unimix: float) -> Float[Array, "... s k"]:
+    """Flat logits `[..., stoch * classes]` as `stoch` categoricals (float32, `unimix` mixed in)."""
+    logits = x.astype(jnp.float32).reshape(*x.shape[:-1], stoch, classes)
+    return OneHotCategorical.from_logits(logits, unimix, event_dims=2).logits
+
+
+def sample_steps(logits: Float[Array, "b t s k"], key: PRNGKeyArray) -> Float[Array, "b t s k"]:
+    """One sample a step; step i uses `split(key, T)[i]`, as stepping `obs_step` with those keys does."""
+    keys = jax.random.split(key, logits.shape[1])
+    return jax.vmap(lambda lg, k: OneHotCategorical(lg, 2).sample(k), (1, 0), 1)(logits, keys)
+
+
+def teacher_forcing(carried: Float[Array, "b s k"], stoch: Float[Array, "b t s k"], action: Float[Array, "b t a"],
+                    is_first: Bool[Array, "b t"], initial: Float[Array, "s k"] | float = 0.0
+                    ) -> tuple[Float[Array, "b t s k"], Float[Array, "b t a"]]:
+    """The inputs (z_{t-1}, a_{t-1}) of every step of a sequence whose posteriors `stoch` are known,
+    after the `carried` latent; at episode starts the `initial` latent and a zero action, as
+    `obs_step`'s reset gives."""
+    prev = jnp.concatenate([carried[:, None], stoch[:, :-1]], 1)
+    prev = jnp.where(is_first[..., None, None], initial, prev)
+    return prev, jnp.where(is_first[..., None], 0.0, action)
 
 
 class SequenceModel(eqx.Module):

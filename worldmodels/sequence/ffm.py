@@ -32,7 +32,8 @@ from jaxtyping import Array, Bool, Complex, Float, PRNGKeyArray
 from worldmodels.dists import OneHotCategorical
 from worldmodels.nn import MLP, DenseBlock, Linear
 from worldmodels.nn.layers import Norm
-from worldmodels.sequence.base import SequenceModel, reset_where, scale_action
+from worldmodels.sequence.base import (SequenceModel, categorical_logits, reset_where, sample_steps, scale_action,
+                                       teacher_forcing)
 from worldmodels.sequence.rssm import categorical_kl_loss
 from worldmodels.sequence.ssm import as_complex, as_pair
 
@@ -148,9 +149,8 @@ class FFM(SequenceModel):
                                jnp.broadcast_to(self.phase[None], (a.shape[0], self.phase.shape[0])))
 
     def _logits(self, net: MLP, out: Linear, x: Array) -> Array:
-        logits = out(net(x.astype(jnp.float32)))
-        logits = logits.reshape(*logits.shape[:-1], self.config.stoch, self.config.classes)
-        return OneHotCategorical.from_logits(logits, self.config.unimix, event_dims=2).logits
+        c = self.config
+        return categorical_logits(out(net(x.astype(jnp.float32))), c.stoch, c.classes, c.unimix)
 
     def _cell_inputs(self, stoch: Array, action: Array) -> tuple[Array, Array, Array]:
         """(u [..., m], thru [..., D], q [..., D]) from the previous latent and the action into the step."""
@@ -193,15 +193,9 @@ class FFM(SequenceModel):
 
     def observe(self, state: FFMState, embed: Float[Array, "b t e"], action: Float[Array, "b t a"],
                 is_first: Bool[Array, "b t"], key: PRNGKeyArray) -> tuple[FFMState, FFMState]:
-        t = is_first.shape[1]
-        keys = jax.random.split(key, t)  # step i uses keys[i], as obs_step stepping does
         post_logits = self._logits(self.post_net, self.post_out, embed)
-        stoch = jax.vmap(lambda lg, k: OneHotCategorical(lg, 2).sample(k), (1, 0), 1)(post_logits, keys)
-        # Teacher forcing: step t reads (z_{t-1}, a_{t-1}); at episode starts the initial (zero) latent
-        # and a zero action, as obs_step's reset gives.
-        prev_stoch = jnp.concatenate([state.stoch[:, None], stoch[:, :-1]], 1)
-        prev_stoch = jnp.where(is_first[..., None, None], 0.0, prev_stoch)
-        action = jnp.where(is_first[..., None], 0.0, action)
+        stoch = sample_steps(post_logits, key)
+        prev_stoch, action = teacher_forcing(state.stoch, stoch, action, is_first)  # initial latent: zeros
         u, thru, q = self._cell_inputs(prev_stoch, action)
         memory = aggregate_parallel(self.log_gamma(), u, is_first, as_complex(state.memory))
         deter = self._output(memory, thru, q)

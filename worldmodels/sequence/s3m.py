@@ -19,7 +19,8 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from worldmodels.dists import OneHotCategorical
 from worldmodels.nn import MLP, DenseBlock, Linear, Normalize
 from worldmodels.nn.layers import Norm
-from worldmodels.sequence.base import SequenceModel, reset_where, scale_action
+from worldmodels.sequence.base import (SequenceModel, categorical_logits, reset_where, sample_steps, scale_action,
+                                       teacher_forcing)
 from worldmodels.sequence.rssm import categorical_kl_loss
 from worldmodels.sequence.ssm import SSM, Discretization, as_complex, as_pair
 
@@ -104,9 +105,8 @@ class S3M(SequenceModel):
 
     # --- pieces -------------------------------------------------------------------------------
     def _logits(self, net: MLP, out: Linear, x: Array) -> Array:
-        logits = out(net(x.astype(jnp.float32)))  # float32 whatever the embedding's compute dtype
-        logits = logits.reshape(*logits.shape[:-1], self.config.stoch, self.config.classes)
-        return OneHotCategorical.from_logits(logits, self.config.unimix, event_dims=2).logits
+        c = self.config  # float32 whatever the embedding's compute dtype
+        return categorical_logits(out(net(x.astype(jnp.float32))), c.stoch, c.classes, c.unimix)
 
     def _initial_hidden(self) -> Array:
         # h_t is computed from x_t alone, so only the SSM states need a (learned) initial value.
@@ -160,16 +160,10 @@ class S3M(SequenceModel):
 
     def observe(self, state: S3MState, embed: Float[Array, "b t e"], action: Float[Array, "b t a"],
                 is_first: Bool[Array, "b t"], key: PRNGKeyArray) -> tuple[S3MState, S3MState]:
-        b, t = is_first.shape
-        keys = jax.random.split(key, t)  # step i uses keys[i], as obs_step stepping does
+        b = is_first.shape[0]
         post_logits = self._logits(self.post_net, self.post_out, embed)
-        stoch = jax.vmap(lambda lg, k: OneHotCategorical(lg, 2).sample(k), (1, 0), 1)(post_logits, keys)
-        # Teacher forcing: the input of step t is (z_{t-1}, a_{t-1}); at episode starts both come from
-        # the initial state (its z, action zeroed), exactly as obs_step's reset does.
-        first = is_first[..., None, None]
-        prev_stoch = jnp.concatenate([state.stoch[:, None], stoch[:, :-1]], 1)
-        prev_stoch = jnp.where(first, self._initial_stoch(), prev_stoch)
-        action = jnp.where(is_first[..., None], 0.0, action)
+        stoch = sample_steps(post_logits, key)
+        prev_stoch, action = teacher_forcing(state.stoch, stoch, action, is_first, self._initial_stoch())
         u = self._inputs(prev_stoch, action)
         init_hidden = self._initial_hidden()
         hidden = []

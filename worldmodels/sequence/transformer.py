@@ -40,7 +40,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from worldmodels.dists import OneHotCategorical
 from worldmodels.nn import MLP, DenseBlock, Linear, Normalize
 from worldmodels.nn.layers import Norm
-from worldmodels.sequence.base import SequenceModel, reset_where, scale_action
+from worldmodels.sequence.base import (SequenceModel, categorical_logits, reset_where, sample_steps, scale_action,
+                                       teacher_forcing)
 from worldmodels.sequence.rssm import categorical_kl_loss
 
 _MASKED = -1e9  # a masked score: its softmax weight is exactly 0 in float32
@@ -164,9 +165,8 @@ class Transformer(SequenceModel):
 
     # --- pieces -------------------------------------------------------------------------------
     def _logits(self, net: MLP, out: Linear, x: Array) -> Array:
-        logits = out(net(x.astype(jnp.float32)))
-        logits = logits.reshape(*logits.shape[:-1], self.config.stoch, self.config.classes)
-        return OneHotCategorical.from_logits(logits, self.config.unimix, event_dims=2).logits
+        c = self.config
+        return categorical_logits(out(net(x.astype(jnp.float32))), c.stoch, c.classes, c.unimix)
 
     def _token(self, stoch: Array, action: Array) -> Array:
         return self.in_proj(jnp.concatenate([stoch.reshape(*stoch.shape[:-2], -1), scale_action(action)], -1))
@@ -238,12 +238,9 @@ class Transformer(SequenceModel):
                 is_first: Bool[Array, "b t"], key: PRNGKeyArray) -> tuple[TransformerState, TransformerState]:
         c = self.config
         b, t = is_first.shape
-        keys = jax.random.split(key, t)  # step i uses keys[i], as obs_step stepping does
         post_logits = self._logits(self.post_net, self.post_out, embed)
-        stoch = jax.vmap(lambda lg, k: OneHotCategorical(lg, 2).sample(k), (1, 0), 1)(post_logits, keys)
-        prev_stoch = jnp.concatenate([state.stoch[:, None], stoch[:, :-1]], 1)
-        prev_stoch = jnp.where(is_first[..., None, None], 0.0, prev_stoch)
-        action = jnp.where(is_first[..., None], 0.0, action)
+        stoch = sample_steps(post_logits, key)
+        prev_stoch, action = teacher_forcing(state.stoch, stoch, action, is_first)  # initial latent: zeros
 
         position, episode = episode_steps(is_first, state.step)
         # Keys: the carried-in window (episode 0, empty slots excluded), then the sequence itself.
