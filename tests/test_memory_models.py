@@ -291,6 +291,14 @@ def test_agent_trains_and_acts_compiling_once(name):
         assert all(np.isfinite(v) for v in metrics.values()), metrics
         assert metrics["train/skipped"] == 0.0 and metrics["grad_norm"] > 0
     assert int(state.step) == 3
+    # The non-finite guard: a batch with a NaN leaves the whole state as it was (the same program).
+    bad = sine_batch(seed=9)
+    bad["vector"][1, 3, 0] = np.nan
+    kept = agent_lib.copy_state(state)
+    state, metrics, _ = agent_lib.train(state, bad, jax.random.PRNGKey(9))
+    assert float(metrics["train/skipped"]) == 1.0
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(kept), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert agent_lib.TRACE_COUNTS["train"] - before.get("train", 0) <= 1
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(eqx.filter(state, eqx.is_array)))
     carry = agent_lib.initial_carry(state, 2)
