@@ -7,7 +7,7 @@
 
 `--data DIR`: a directory of `.npz` episodes and its `spaces.json` (see `worldmodels.offline`; the
 host loop's `--run.save-episodes` writes them). Every `round(1 / --holdout)`-th episode is held out.
-The model is the one `--preset` and `--agent.*` options give (RSSM or S3M, any size); batches are
+The model is the one `--preset`, `--model` and `--agent.*` options give (any sequence model, any size); batches are
 `--run.batch-size` windows of `--run.seq-len` steps from a blank state, with `--agent.optim.*`.
 Before training and every `--eval-every` updates it prints and logs (`metrics.jsonl`, TensorBoard)
 the held-out losses (reconstruction, reward, continue, KL) and the open-loop prediction error per
