@@ -269,6 +269,17 @@ def _make_mjx_vision(task_id: str, seed: int | None, **kwargs: Any) -> gymnasium
     return _make_mjx(task_id, seed, **{"vision": True, "impl": "warp", **kwargs})
 
 
+def _make_tmaze(task_id: str, seed: int | None, **kwargs: Any) -> gymnasium.Env:
+    """``tmaze/<L>`` or ``tmaze/<L1>-<L2>``: the Passive T-Maze (`envs.jax.tmaze`), stepped as the
+    device loop steps it."""
+    from envs.jax.gymnasium_env import JaxEnvToGymnasium
+    from envs.jax.tmaze import make_tmaze
+
+    if kwargs:
+        raise TypeError(f"tmaze/ takes no options, got {sorted(kwargs)}")
+    return JaxEnvToGymnasium(*make_tmaze(task_id), seed=seed)
+
+
 # prefix (including its separator) -> builder. Later families add entries here.
 _REGISTRY: dict[str, Builder] = {
     "gym:": _make_gym,
@@ -279,6 +290,7 @@ _REGISTRY: dict[str, Builder] = {
     "popgym/": _make_popgym,
     "mjx/": _make_mjx,
     "mjx-vision/": _make_mjx_vision,
+    "tmaze/": _make_tmaze,
 }
 
 

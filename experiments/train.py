@@ -158,10 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: --device-loop needs a JAX-native env, and {family}/ is dm_control's, stepped on "
                              f"the host: use {twin}/{task} (MuJoCo Playground's port on MJX) in the device loop, or "
                              f"drop --device-loop to train on {config.run.env} in the host loop")
-        if not config.run.env.startswith(("bsuite/", "mjx/", "mjx-vision/")):
+        if not config.run.env.startswith(("bsuite/", "mjx/", "mjx-vision/", "tmaze/")):
             raise SystemExit(f"error: --device-loop needs a JAX-native env: bsuite/<id> of "
-                             f"{', '.join(jenvs.experiments())}, or mjx/<domain>-<task> (DMC on MJX; mjx-vision/ for "
-                             f"images); {config.run.env!r} has no JAX-native version: drop --device-loop to use the host loop")
+                             f"{', '.join(jenvs.experiments())}, mjx/<domain>-<task> (DMC on MJX; mjx-vision/ for "
+                             f"images) or tmaze/<L>; {config.run.env!r} has no JAX-native version: drop --device-loop "
+                             "to use the host loop")
         try:
             env, env_params = jenvs.make(config.run.env)
         except (ValueError, ModuleNotFoundError) as e:

@@ -50,7 +50,8 @@ A batch of rollouts across episodes in one compiled program::
 
 The DeepMind Control Suite on MJX (MuJoCo Playground's ports, the ``mjx`` extra) has the same API
 with continuous actions: ``make("mjx/cartpole-swingup")`` (`envs.jax.mjx`), and with images:
-``make("mjx-vision/cartpole-swingup")``.
+``make("mjx-vision/cartpole-swingup")``. The Passive T-Maze, a memory task of set horizon, is
+``make("tmaze/24")`` (`envs.jax.tmaze`).
 
 This package imports nothing from ``worldmodels``.
 """
@@ -64,11 +65,12 @@ from envs.jax.base import AutoReset, AutoResetState, JaxEnv, TimeStep
 from envs.jax.catch import Catch, CatchParams, CatchState
 from envs.jax.discounting_chain import DiscountingChain, DiscountingChainParams, DiscountingChainState
 from envs.jax.memory_chain import MemoryChain, MemoryChainParams, MemoryChainState
+from envs.jax.tmaze import PassiveTMaze, TMazeParams, TMazeState, make_tmaze
 
 __all__ = [
     "AutoReset", "AutoResetState", "Catch", "CatchParams", "CatchState", "DiscountingChain",
     "DiscountingChainParams", "DiscountingChainState", "JaxEnv", "MemoryChain", "MemoryChainParams",
-    "MemoryChainState", "TimeStep", "experiments", "make",
+    "MemoryChainState", "PassiveTMaze", "TMazeParams", "TMazeState", "TimeStep", "experiments", "make", "make_tmaze",
 ]
 
 
@@ -114,7 +116,8 @@ def make(bsuite_id: str) -> tuple[JaxEnv, Any]:
       ``"memory_len/3"``, optionally prefixed ``"bsuite/"`` (the `envs.make` name); or
       ``"mjx/<domain>-<task>"`` (`envs.jax.mjx`, e.g. ``"mjx/walker-walk"``: continuous actions,
       `action_size` instead of `num_actions`), or ``"mjx-vision/<domain>-<task>"`` (the same with
-      uint8 64x64 images from MJX's batch renderer).
+      uint8 64x64 images from MJX's batch renderer); or ``"tmaze/<L>"`` / ``"tmaze/<L1>-<L2>"``, the
+      Passive T-Maze (`envs.jax.tmaze`: a corridor of L cells, or one drawn per episode).
 
     **Returns:** `(env, params)`; the params come from ``bsuite.sweep.SETTINGS[bsuite_id]`` (an MJX
     task has none: ``()``).
@@ -126,6 +129,8 @@ def make(bsuite_id: str) -> tuple[JaxEnv, Any]:
         from envs.jax.mjx import make_mjx
 
         return make_mjx(bsuite_id)
+    if bsuite_id.startswith("tmaze/"):
+        return make_tmaze(bsuite_id.removeprefix("tmaze/"))
     from bsuite import sweep  # only for the settings table; stepping needs no bsuite
 
     bsuite_id = bsuite_id.removeprefix("bsuite/")
