@@ -19,8 +19,8 @@ if __name__ == "__main__":  # first, before jax is imported (see experiments/hug
     reexec_with_huge_pages()
 
 import argparse
-import difflib
 import dataclasses
+import difflib
 import functools
 import math
 import os

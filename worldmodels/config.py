@@ -15,8 +15,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import jax
+import numpy as np
+
 from worldmodels import sharding
 from worldmodels.agent import AgentConfig
+from worldmodels.sequence import make_sequence_model
 
 
 VIDEO_CONTEXT = 5  # steps an open-loop video observes before it imagines (DreamerV3's report)
@@ -259,15 +263,9 @@ def _type_problem(value: Any, hint: Any) -> str | None:
 
 def replay_context_bytes(config: Config) -> int:
     """Bytes a step that replay context would store for the config's sequence model (its entry)."""
-    import jax  # noqa: PLC0415 (the config module stays light to import)
-    import numpy as np  # noqa: PLC0415
-
-    from worldmodels.sequence import make_sequence_model  # noqa: PLC0415
-
-    wm = config.agent.world_model
-    model = jax.eval_shape(lambda: make_sequence_model(wm.sequence, 1, 1, key=jax.random.PRNGKey(0)))
-    spec = type(model).entry_spec(model)
-    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in spec.values())
+    sequence = config.agent.world_model.sequence
+    model = jax.eval_shape(lambda: make_sequence_model(sequence, 1, 1, key=jax.random.PRNGKey(0)))
+    return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in model.entry_spec().values())
 
 
 def validate(config: Config) -> None:
