@@ -77,3 +77,19 @@ def test_r2i_released_presets_match_r2is_configs(name):
     assert opt.weight_decay == (1e-2 if name == "r2i-memory-maze" else 0.0)
     assert {wm.norm, s3m.norm, agent.actor_critic.norm} == {"layer"}
     assert abstract_agent(make_config([name]), IMAGE if "maze" in name else VECTOR) > 1e6  # it builds
+
+
+def test_the_four_memory_presets_have_parameter_counts_within_10_percent():
+    """The bsuite CPU presets of RSSM, S3M, FFM and Transformer, for memory_len's spaces."""
+    names = ("dreamer-bsuite-cpu", "r2i-bsuite-cpu", "ffm-bsuite-cpu", "transformer-bsuite-cpu")
+    counts = {}
+    for name in names:
+        config = make_config([name])
+        state = jax.eval_shape(lambda key: agent_lib.init(config.agent, {"vector": ((3,), "float32")},
+                                                          agent_lib.ActionSpec(2, True), key), jax.random.PRNGKey(0))
+        counts[name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+        assert config.agent.world_model.sequence.model == {"dreamer": "rssm", "r2i": "s3m"}.get(
+            name.split("-")[0], name.split("-")[0])
+    for a in names:
+        for b in names:
+            assert abs(counts[a] - counts[b]) <= 0.1 * counts[b], counts
