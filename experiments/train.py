@@ -68,10 +68,10 @@ def _parse(argv: list[str] | None = None) -> tuple[Config, bool]:
         base = override(base, "run.env", known.env)
     if known.model is not None:
         base = override(base, "agent.world_model.sequence.model", known.model)
-    if base.agent.world_model.sequence.model == "transformer" and base.run.replay_context:
-        # Its state is a whole key/value window: replay does not keep it (worldmodels.sequence.transformer).
+    sequence = base.agent.world_model.sequence
+    if base.run.replay_context and not sequence.selected.keeps_replay_context:
         base = override(base, "run.replay_context", False)
-        print("note: --model transformer: replay context off (--run.no-replay-context); each replayed window "
+        print(f"note: --model {sequence.model}: replay context off (--run.no-replay-context); each replayed window "
               "starts from the initial state", file=sys.stderr)
     description = (f"{__doc__}\nPresets (--preset NAME [NAME ...]): {', '.join(sorted(PRESETS))}.\n"
                    f"--env NAME is short for --run.env NAME; --model {'|'.join(MODELS)} for "

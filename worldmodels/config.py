@@ -330,15 +330,14 @@ def validate(config: Config) -> None:
         raise ConfigError(f"--agent.world-model.sequence.transformer.width {tf.width}: must split into "
                           f"--agent.world-model.sequence.transformer.heads {tf.heads} heads of even size "
                           f"(rotary positions rotate pairs), e.g. {2 * tf.heads * max(1, round(tf.width / (2 * tf.heads)))}")
-    if config.agent.world_model.sequence.model == "transformer":
-        if tf.window > config.run.seq_len:
-            raise ConfigError(f"--agent.world-model.sequence.transformer.window {tf.window}: larger than the "
-                              f"replayed window it learns from (--run.seq-len {config.run.seq_len}); use at most "
-                              f"{config.run.seq_len}, or a longer --run.seq-len")
-        if config.run.replay_context:
-            raise ConfigError("--run.replay-context with --model transformer: replay would store each step's "
-                              f"key/value window ({replay_context_bytes(config)} bytes a step), which this model does "
-                              "not keep; use --run.no-replay-context (--model transformer sets it)")
+    sequence = config.agent.world_model.sequence
+    problem = sequence.selected.window_problem(config.run.seq_len)
+    if problem:
+        raise ConfigError(problem)
+    if config.run.replay_context and not sequence.selected.keeps_replay_context:
+        raise ConfigError(f"--run.replay-context with --model {sequence.model}: replay would store each step's "
+                          f"state ({replay_context_bytes(config)} bytes a step), which this model does not keep; use "
+                          f"--run.no-replay-context (--model {sequence.model} sets it)")
     if not 0 <= config.agent.actor_critic.retnorm_low < config.agent.actor_critic.retnorm_high <= 100:
         raise ConfigError(f"--agent.actor-critic.retnorm-low {config.agent.actor_critic.retnorm_low!r} and "
                           f"--agent.actor-critic.retnorm-high {config.agent.actor_critic.retnorm_high!r}: must be "

@@ -24,6 +24,11 @@ class SequenceConfig:
     ffm: FFMConfig = field(default_factory=FFMConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
 
+    @property
+    def selected(self):
+        """The config of the model `model` names."""
+        return getattr(self, self.model)
+
 
 def make_sequence_model(config: SequenceConfig, embed_dim: int, action_dim: int, *, key: PRNGKeyArray,
                         dtype: str = "float32") -> SequenceModel:

@@ -12,7 +12,7 @@ for a sequence). At step t, `action` is the action that led INTO step t (a_{t-1}
 from __future__ import annotations
 
 import abc
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import equinox as eqx
 import jax
@@ -55,6 +55,16 @@ def teacher_forcing(carried: Float[Array, "b s k"], stoch: Float[Array, "b t s k
     prev = jnp.concatenate([carried[:, None], stoch[:, :-1]], 1)
     prev = jnp.where(is_first[..., None, None], initial, prev)
     return prev, jnp.where(is_first[..., None], 0.0, action)
+
+
+class ModelConfig:
+    """What every sequence model's frozen config says of itself to the run around it."""
+
+    keeps_replay_context: ClassVar[bool] = True  # False: replay stores no latent to continue from
+
+    def window_problem(self, seq_len: int) -> str | None:
+        """None if the model can learn from replayed windows of `seq_len` steps, else what is wrong."""
+        return None
 
 
 class SequenceModel(eqx.Module):

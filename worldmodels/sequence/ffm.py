@@ -32,7 +32,7 @@ from jaxtyping import Array, Bool, Complex, Float, PRNGKeyArray
 from worldmodels.dists import OneHotCategorical
 from worldmodels.nn import MLP, DenseBlock, Linear
 from worldmodels.nn.layers import Norm
-from worldmodels.sequence.base import (SequenceModel, categorical_logits, reset_where, sample_steps, scale_action,
+from worldmodels.sequence.base import (ModelConfig, SequenceModel, categorical_logits, reset_where, sample_steps, scale_action,
                                        teacher_forcing)
 from worldmodels.sequence.rssm import categorical_kl_loss
 from worldmodels.sequence.ssm import as_complex, as_pair
@@ -41,7 +41,7 @@ PolicyInput = Literal["output", "hidden", "full"]
 
 
 @dataclass(frozen=True)
-class FFMConfig:
+class FFMConfig(ModelConfig):
     deter: int = 256  # D: width of the output h (and of the cell's skip path `thru`)
     width: int = 256  # the input projection's width
     memory: int = 32  # m: decaying traces

@@ -13,11 +13,11 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from worldmodels.dists import OneHotCategorical, sg
 from worldmodels.nn import MLP, BlockLinear, DenseBlock, Linear, Normalize
 from worldmodels.nn.layers import Norm
-from worldmodels.sequence.base import SequenceModel, reset_where, scale_action
+from worldmodels.sequence.base import ModelConfig, SequenceModel, reset_where, scale_action
 
 
 @dataclass(frozen=True)
-class RSSMConfig:
+class RSSMConfig(ModelConfig):
     deter: int = 512
     hidden: int = 64
     stoch: int = 32

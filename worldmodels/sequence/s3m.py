@@ -19,7 +19,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from worldmodels.dists import OneHotCategorical
 from worldmodels.nn import MLP, DenseBlock, Linear, Normalize
 from worldmodels.nn.layers import Norm
-from worldmodels.sequence.base import (SequenceModel, categorical_logits, reset_where, sample_steps, scale_action,
+from worldmodels.sequence.base import (ModelConfig, SequenceModel, categorical_logits, reset_where, sample_steps, scale_action,
                                        teacher_forcing)
 from worldmodels.sequence.rssm import categorical_kl_loss
 from worldmodels.sequence.ssm import SSM, Discretization, as_complex, as_pair
@@ -28,7 +28,7 @@ PolicyInput = Literal["output", "hidden", "full"]
 
 
 @dataclass(frozen=True)
-class S3MConfig:
+class S3MConfig(ModelConfig):
     deter: int = 512  # width of the output state h
     width: int = 512  # H: the SSM layers' model width
     state_size: int = 128  # P: complex state size per layer

@@ -30,7 +30,7 @@ preset, 133 KiB at the default size, where the other models store 0.1-2 KiB), so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -40,7 +40,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from worldmodels.dists import OneHotCategorical
 from worldmodels.nn import MLP, DenseBlock, Linear, Normalize
 from worldmodels.nn.layers import Norm
-from worldmodels.sequence.base import (SequenceModel, categorical_logits, reset_where, sample_steps, scale_action,
+from worldmodels.sequence.base import (ModelConfig, SequenceModel, categorical_logits, reset_where, sample_steps, scale_action,
                                        teacher_forcing)
 from worldmodels.sequence.rssm import categorical_kl_loss
 
@@ -48,7 +48,7 @@ _MASKED = -1e9  # a masked score: its softmax weight is exactly 0 in float32
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(ModelConfig):
     width: int = 256  # model width; the output h has this size
     layers: int = 2
     heads: int = 4  # must divide width; each head's size must be even (rotary pairs)
@@ -61,6 +61,15 @@ class TransformerConfig:
     obs_layers: int = 1
     unimix: float = 0.01
     norm: Norm = "rms"  # of the prior / posterior MLPs (the blocks use LayerNorm)
+
+    # Its state is the whole key/value window: replay does not keep it (module docstring).
+    keeps_replay_context: ClassVar[bool] = False
+
+    def window_problem(self, seq_len: int) -> str | None:
+        if self.window > seq_len:
+            return (f"--agent.world-model.sequence.transformer.window {self.window}: larger than the replayed window "
+                    f"it learns from (--run.seq-len {seq_len}); use at most {seq_len}, or a longer --run.seq-len")
+        return None
 
 
 class TransformerState(NamedTuple):
